@@ -1,0 +1,1 @@
+//! CPU lists and masks in util-linux syntax.

@@ -1,0 +1,1 @@
+//! Online, isolated and nohz_full CPUs, SMT siblings and NUMA nodes from /sys.

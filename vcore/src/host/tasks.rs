@@ -1,0 +1,1 @@
+//! Tasks (processes and threads) from /proc: names, state, last CPU, affinity.

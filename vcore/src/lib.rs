@@ -1,0 +1,8 @@
+//! vcore: the VMM engine (KVM VM and vCPUs, guest memory, CPUID, Linux boot,
+//! devices) and the building blocks the tools share (image formats, CPU lists,
+//! sizes, /proc and /sys readers).
+
+pub mod cpulist;
+pub mod host;
+pub mod image;
+pub mod units;

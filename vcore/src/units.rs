@@ -1,0 +1,1 @@
+//! Sizes parsed and printed the way QEMU does.

@@ -1,0 +1,5 @@
+//! Command line.
+
+pub fn main() -> i32 {
+    0
+}
