@@ -343,6 +343,28 @@ pub fn size_with_bytes(val: u64) -> String {
     format!("{} ({val} bytes)", size_to_str(val))
 }
 
+/// The shortest exact suffix form, as the kernel's `hugepagesz=` and
+/// hugetlbfs `pagesize=` take it: `2097152` → `2M`, `1<<30` → `1G`,
+/// `65536` → `64K`, `1000` → `1000` (bytes, no exact unit).
+pub fn size_to_suffix(val: u64) -> String {
+    const UNITS: [(u32, char); 6] = [
+        (60, 'E'),
+        (50, 'P'),
+        (40, 'T'),
+        (30, 'G'),
+        (20, 'M'),
+        (10, 'K'),
+    ];
+    if val != 0 {
+        for (shift, c) in UNITS {
+            if val.trailing_zeros() >= shift {
+                return format!("{}{c}", val >> shift);
+            }
+        }
+    }
+    val.to_string()
+}
+
 /// C's `%0.3g` for a finite, non-negative value.
 fn format_g3(v: f64) -> String {
     const P: i32 = 3;
@@ -527,6 +549,19 @@ mod tests {
         assert_eq!(size_with_bytes(197120), "192 KiB (197120 bytes)");
         assert_eq!(size_with_bytes(123457024), "118 MiB (123457024 bytes)");
         assert_eq!(size_with_bytes(1024000), "0.977 MiB (1024000 bytes)");
+    }
+
+    #[test]
+    fn suffix_form() {
+        assert_eq!(size_to_suffix(2 * MIB), "2M");
+        assert_eq!(size_to_suffix(GIB), "1G");
+        assert_eq!(size_to_suffix(64 * KIB), "64K");
+        assert_eq!(size_to_suffix(1536 * MIB), "1536M");
+        assert_eq!(size_to_suffix(1000), "1000");
+        assert_eq!(size_to_suffix(0), "0");
+        for v in [2 * MIB, GIB, 64 * KIB, 1000, 0, 1 << 62] {
+            assert_eq!(parse_size(&size_to_suffix(v), Suffix::B), Ok(v));
+        }
     }
 
     #[test]
