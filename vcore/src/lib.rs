@@ -2,7 +2,10 @@
 //! devices) and the building blocks the tools share (image formats, CPU lists,
 //! sizes, /proc and /sys readers).
 
+pub mod boot;
+pub mod cpuid;
 pub mod cpulist;
+pub mod devices;
 pub mod host;
 pub mod image;
 pub mod units;
