@@ -3,4 +3,5 @@
 
 pub mod cpus;
 pub mod hugepages;
+pub mod mounts;
 pub mod tasks;
