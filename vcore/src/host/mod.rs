@@ -5,3 +5,4 @@ pub mod cpus;
 pub mod hugepages;
 pub mod mounts;
 pub mod tasks;
+pub mod threads;
