@@ -1,1 +1,257 @@
 //! Disk images: a block-device abstraction with raw and qcow2 backends.
+//!
+//! [`open`] probes the format like QEMU (qcow2 magic, else raw), takes
+//! QEMU-compatible lock bytes ([`lock`]) and returns a [`BlockDevice`] that
+//! is `Send + Sync`, so a virtio-blk device can share it between threads.
+//! The qcow2 data path runs on `imago`; [`qcow2`] adds the metadata code
+//! imago lacks (header details, snapshots, check/repair, creation).
+
+pub mod lock;
+pub mod qcow2;
+pub mod raw;
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Image formats handled here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Plain file, byte for byte the guest disk.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl Format {
+    /// QEMU's name for the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parse QEMU's name (`raw`, `qcow2`); `None` for anything else.
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors from opening or accessing an image. `Display` gives QEMU's text
+/// (without the `qemu-img: ` prefix).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be opened.
+    #[error("Could not open '{path}': {source}")]
+    Open {
+        /// Path as given.
+        path: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Another process holds a conflicting lock.
+    #[error("Could not open '{path}': {source}\nIs another process using the image [{path}]?")]
+    Locked {
+        /// Path as given.
+        path: String,
+        /// Which lock.
+        source: lock::LockError,
+    },
+    /// The image metadata is invalid or unsupported.
+    #[error("Could not open '{path}': {msg}")]
+    Format {
+        /// Path as given.
+        path: String,
+        /// QEMU-style explanation.
+        msg: String,
+    },
+    /// I/O failure while using the image.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Request outside the device.
+    #[error(
+        "request at offset {offset} length {len} is beyond the end of the device ({size} bytes)"
+    )]
+    OutOfRange {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Device size.
+        size: u64,
+    },
+    /// Write to a read-only device.
+    #[error("the image is opened read-only")]
+    ReadOnly,
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a range of the device maps to (like QEMU's block status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// Data stored in this layer's file, at `offset` when known.
+    Data {
+        /// Host offset in the image file (None when not a plain mapping).
+        offset: Option<u64>,
+    },
+    /// Compressed data in this layer.
+    Compressed,
+    /// Reads as zeroes; `allocated` when this layer says so explicitly.
+    Zero {
+        /// Explicit zero entry (qcow2 zero flag) or a hole in a raw file.
+        allocated: bool,
+    },
+    /// Not allocated in this layer: comes from the backing file (or reads as
+    /// zeroes when there is none).
+    Unallocated,
+}
+
+/// A random-access virtual disk. All methods take `&self` and may be called
+/// from several threads at once.
+pub trait BlockDevice: Send + Sync {
+    /// Read `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Write `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Make `len` bytes at `offset` read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// Hint that `len` bytes at `offset` are no longer needed (they may then
+    /// read as zeroes or as the backing file's data).
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Make written data durable.
+    fn flush(&self) -> Result<()>;
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Whether the device refuses writes.
+    fn read_only(&self) -> bool;
+    /// Format of this layer.
+    fn format(&self) -> Format;
+    /// What `[offset, offset+max_len)` maps to: the allocation of the first
+    /// byte and how many bytes from `offset` share it (at least 1 byte
+    /// unless `offset >= size()`).
+    fn mapping(&self, offset: u64, max_len: u64) -> Result<(Allocation, u64)>;
+}
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Format; `None` probes (qcow2 magic, else raw).
+    pub format: Option<Format>,
+    /// Open read-only.
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    pub cache_direct: bool,
+    /// Share all permissions with other users (qemu-img `-U`); read-only only.
+    pub force_share: bool,
+    /// Do not open the backing file of a qcow2 image (reads of unallocated
+    /// clusters then return zeroes).
+    pub no_backing: bool,
+    /// Do not take QEMU lock bytes at all.
+    pub no_lock: bool,
+}
+
+/// qcow2 magic `QFI\xfb`.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Probe a file's format like QEMU: qcow2 when it starts with the qcow2
+/// magic, raw otherwise.
+pub fn probe(path: &Path) -> Result<Format> {
+    let f = File::open(path).map_err(|e| Error::Open {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    probe_file(&f)
+}
+
+/// Probe an open file (see [`probe`]).
+pub fn probe_file(f: &File) -> Result<Format> {
+    use std::os::unix::fs::FileExt;
+    let mut m = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match f.read_at(&mut m[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Io(e)),
+        }
+    }
+    Ok(if got == 4 && m == QCOW2_MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Open a file for an image, with QEMU's lock bytes. Returns the file.
+pub fn open_file(path: &Path, opts: &OpenOptions) -> Result<File> {
+    let name = path.display().to_string();
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(!opts.read_only);
+    if opts.cache_direct {
+        use std::os::unix::fs::OpenOptionsExt;
+        oo.custom_flags(libc::O_DIRECT);
+    }
+    let f = oo.open(path).map_err(|e| Error::Open {
+        path: name.clone(),
+        source: e,
+    })?;
+    if !opts.no_lock {
+        let (p, s) = lock::perms_for(!opts.read_only, opts.force_share && opts.read_only);
+        lock::lock(&f, p, s).map_err(|e| Error::Locked {
+            path: name,
+            source: e,
+        })?;
+    }
+    Ok(f)
+}
+
+/// Open an image as a block device (see [`OpenOptions`]).
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
+    let file = open_file(path, opts)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => probe_file(&file)?,
+    };
+    match format {
+        Format::Raw => Ok(Box::new(raw::RawDevice::from_file(file, opts.read_only)?)),
+        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2Device::open_file(
+            path, file, opts, 0,
+        )?)),
+    }
+}
+
+/// Resolve a backing file name the way QEMU does: relative names are taken
+/// relative to the directory of the image that references them.
+pub fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
+    let b = Path::new(backing);
+    if b.is_absolute() {
+        return b.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
+        _ => b.to_path_buf(),
+    }
+}
+
+/// Check that `[offset, offset+len)` lies within `size`.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
