@@ -981,7 +981,11 @@ mod tests {
         fs::create_dir_all(&pd).unwrap();
         fs::write(pd.join("maps"), maps).unwrap();
         fs::write(pd.join("comm"), "qemu-system-x86\n").unwrap();
-        fs::write(pd.join("cmdline"), "/usr/bin/qemu-system-x86_64\0-m\x001G\0").unwrap();
+        fs::write(
+            pd.join("cmdline"),
+            "/usr/bin/qemu-system-x86_64\0-m\x001G\0",
+        )
+        .unwrap();
         let pd = t.path().join("proc/77");
         fs::create_dir_all(&pd).unwrap();
         fs::write(pd.join("maps"), "").unwrap();
