@@ -224,9 +224,28 @@ pub fn run_verify(root: &Path, a: &VerifyArgs) -> Result<i32> {
 mod tests {
     use super::*;
 
+    /// A temporary directory removed on drop (no tempfile dev-dependency).
+    struct TestDir(PathBuf);
+    impl TestDir {
+        fn new(tag: &str) -> TestDir {
+            let p = std::env::temp_dir().join(format!("vhuge-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TestDir(p)
+        }
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn plan_rounds_up_and_gives_command() {
-        let t = tempfile::tempdir().unwrap();
+        let t = TestDir::new("plan");
         let d = hp::pool_dir(t.path(), 1 << 30, None);
         std::fs::create_dir_all(&d).unwrap();
         for (n, v) in [
