@@ -213,6 +213,14 @@ impl CpuSet {
             input: input.to_string(),
             reason,
         };
+        // Name the item only when the list has several.
+        let within = |r: String, item: &str| {
+            if item == input {
+                r
+            } else {
+                format!("{r} in \"{item}\"")
+            }
+        };
         let mut set = CpuSet::new();
         if input.is_empty() {
             return Err(fail("the list is empty".into()));
@@ -221,29 +229,27 @@ impl CpuSet {
             if item.is_empty() {
                 return Err(fail("empty item".into()));
             }
-            let (a, rest) = leading_number(item).map_err(|r| fail(format!("{r} in \"{item}\"")))?;
+            let (a, rest) = leading_number(item).map_err(|r| fail(within(r, item)))?;
             let (b, s) = if rest.is_empty() {
                 (a, 1)
             } else if let Some(range_end) = rest.strip_prefix('-') {
-                let (b, rest) =
-                    leading_number(range_end).map_err(|r| fail(format!("{r} in \"{item}\"")))?;
+                let (b, rest) = leading_number(range_end).map_err(|r| fail(within(r, item)))?;
                 if rest.is_empty() {
                     (b, 1)
                 } else if let Some(stride) = rest.strip_prefix(':') {
-                    let (s, rest) =
-                        leading_number(stride).map_err(|r| fail(format!("{r} in \"{item}\"")))?;
+                    let (s, rest) = leading_number(stride).map_err(|r| fail(within(r, item)))?;
                     if !rest.is_empty() {
-                        return Err(fail(format!("unexpected \"{rest}\" in \"{item}\"")));
+                        return Err(fail(within(format!("unexpected \"{rest}\""), item)));
                     }
                     if s == 0 {
-                        return Err(fail(format!("stride 0 in \"{item}\"")));
+                        return Err(fail(within("stride 0".into(), item)));
                     }
                     (b, s)
                 } else {
-                    return Err(fail(format!("unexpected \"{rest}\" in \"{item}\"")));
+                    return Err(fail(within(format!("unexpected \"{rest}\""), item)));
                 }
             } else {
-                return Err(fail(format!("unexpected \"{rest}\" in \"{item}\"")));
+                return Err(fail(within(format!("unexpected \"{rest}\""), item)));
             };
             if a > b {
                 return Err(fail(format!("range {a}-{b} ends before it starts")));
@@ -567,7 +573,7 @@ mod tests {
         );
         assert_eq!(
             CpuSet::parse_list("0-2:0").unwrap_err().reason(),
-            "stride 0 in \"0-2:0\""
+            "stride 0"
         );
     }
 
