@@ -242,10 +242,8 @@ mod tests {
         assert_eq!(p.assignments[0].cpus.to_list(), "0");
         assert_eq!(p.assignments[1].cpus.to_list(), "5");
         // Emulator on node 0's remaining CPU.
-        assert_eq!(
-            p.assignments[2],
-            ("emulator".to_string(), CpuSet::from_cpus([1]))
-        );
+        assert_eq!(p.assignments[2].role, "emulator");
+        assert_eq!(p.assignments[2].cpus, CpuSet::from_cpus([1]));
     }
 
     #[test]
