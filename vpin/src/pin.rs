@@ -183,7 +183,10 @@ struct Report<'a> {
 
 fn errno_name(e: &io::Error) -> String {
     match e.raw_os_error() {
-        Some(n) => format!("{e} ({:?})", nix::errno::Errno::from_raw(n)),
+        Some(n) => {
+            let errno = nix::errno::Errno::from_raw(n);
+            format!("{} ({errno:?})", errno.desc())
+        }
         None => e.to_string(),
     }
 }
@@ -246,7 +249,7 @@ pub fn apply(
             Err(e) => {
                 return Err(failure_after_rollback(
                     format!(
-                        "failed to get {}'s affinity: {}",
+                        "failed to get the affinity of {}: {}",
                         describe(t),
                         errno_name(&e)
                     ),
@@ -260,7 +263,7 @@ pub fn apply(
             Err(e) => {
                 return Err(failure_after_rollback(
                     format!(
-                        "failed to set {}'s affinity to {}: {}",
+                        "failed to set the affinity of {} to {}: {}",
                         describe(t),
                         new.to_list(),
                         errno_name(&e)
@@ -302,7 +305,7 @@ pub fn apply(
             Err(e) => {
                 return Err(failure_after_rollback(
                     format!(
-                        "failed to re-read {}'s affinity: {}",
+                        "failed to re-read the affinity of {}: {}",
                         describe(t),
                         errno_name(&e)
                     ),
@@ -387,7 +390,7 @@ pub fn run(guest: &Guest, req: &Request, dry: bool, out: PinOutput) -> Outcome {
                 Err(e) if is_gone(&e) => vanished.push(t.tid),
                 Err(e) => {
                     return Err(Failure::fail(format!(
-                        "failed to get {}'s affinity: {}",
+                        "failed to get the affinity of {}: {}",
                         describe(t),
                         errno_name(&e)
                     )))
