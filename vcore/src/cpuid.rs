@@ -44,7 +44,13 @@ pub struct Flag {
 }
 
 const fn f(name: &'static str, leaf: u32, reg: Reg, bit: u8) -> Flag {
-    Flag { name, leaf, subleaf: 0, reg, bit }
+    Flag {
+        name,
+        leaf,
+        subleaf: 0,
+        reg,
+        bit,
+    }
 }
 
 /// Feature flags accepted by `-cpu MODEL,+flag,-flag` (QEMU's names).
@@ -168,7 +174,10 @@ impl Features {
 }
 
 fn bits(names: &[&str]) -> u32 {
-    names.iter().filter_map(|n| find_flag(n)).fold(0, |acc, fl| acc | (1 << fl.bit))
+    names
+        .iter()
+        .filter_map(|n| find_flag(n))
+        .fold(0, |acc, fl| acc | (1 << fl.bit))
 }
 
 /// A CPU model: what the guest is told it runs on.
@@ -201,7 +210,10 @@ pub const MODELS: &[(&str, &str)] = &[
     ("host", "KVM processor with all supported host features"),
     ("qemu64", "QEMU Virtual CPU version 2.5+ (the default)"),
     ("kvm64", "Common KVM processor"),
-    ("max", "Enables all features supported by the accelerator (same as host)"),
+    (
+        "max",
+        "Enables all features supported by the accelerator (same as host)",
+    ),
 ];
 
 impl CpuModel {
@@ -222,7 +234,10 @@ impl CpuModel {
                 model: 107,
                 stepping: 1,
                 brand: "QEMU Virtual CPU version 2.5+".into(),
-                features: Some(Features { e1_ecx: bits(&["lahf-lm", "svm"]), ..common }),
+                features: Some(Features {
+                    e1_ecx: bits(&["lahf-lm", "svm"]),
+                    ..common
+                }),
                 level: 0xd,
                 xlevel: 0x8000_000a,
             },
@@ -233,7 +248,10 @@ impl CpuModel {
                 model: 6,
                 stepping: 1,
                 brand: "Common KVM processor".into(),
-                features: Some(Features { l1_edx: l1_edx | bits(&["vme"]), ..common }),
+                features: Some(Features {
+                    l1_edx: l1_edx | bits(&["vme"]),
+                    ..common
+                }),
                 level: 0xd,
                 xlevel: 0x8000_0008,
             },
@@ -348,12 +366,16 @@ fn vendor_words(vendor: &str) -> (u32, u32, u32) {
 
 /// Decode a vendor string from leaf 0.
 pub fn vendor_of(entries: &[kvm_cpuid_entry2]) -> String {
-    let Some(e) = entries.iter().find(|e| e.function == 0) else { return String::new() };
+    let Some(e) = entries.iter().find(|e| e.function == 0) else {
+        return String::new();
+    };
     let mut s = Vec::new();
     for r in [e.ebx, e.edx, e.ecx] {
         s.extend_from_slice(&r.to_le_bytes());
     }
-    String::from_utf8_lossy(&s).trim_end_matches('\0').to_string()
+    String::from_utf8_lossy(&s)
+        .trim_end_matches('\0')
+        .to_string()
 }
 
 /// Decode the brand string from leaves 0x80000002..4.
@@ -366,7 +388,10 @@ pub fn brand_of(entries: &[kvm_cpuid_entry2]) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&s).trim_end_matches('\0').trim().to_string()
+    String::from_utf8_lossy(&s)
+        .trim_end_matches('\0')
+        .trim()
+        .to_string()
 }
 
 /// Host vendor and brand, read with the CPUID instruction.
@@ -389,11 +414,18 @@ pub fn host_vendor_brand() -> (String, String) {
 }
 
 fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-    kvm_cpuid_entry2 { function, index, ..Default::default() }
+    kvm_cpuid_entry2 {
+        function,
+        index,
+        ..Default::default()
+    }
 }
 
 fn set_entry(entries: &mut Vec<kvm_cpuid_entry2>, e: kvm_cpuid_entry2) {
-    if let Some(x) = entries.iter_mut().find(|x| x.function == e.function && x.index == e.index) {
+    if let Some(x) = entries
+        .iter_mut()
+        .find(|x| x.function == e.function && x.index == e.index)
+    {
         *x = e;
     } else {
         entries.push(e);
@@ -412,10 +444,16 @@ pub fn model_table(
 ) -> Vec<kvm_cpuid_entry2> {
     let mut t: Vec<kvm_cpuid_entry2> = supported.to_vec();
     let get = |t: &Vec<kvm_cpuid_entry2>, f: u32, i: u32| {
-        t.iter().find(|e| e.function == f && e.index == i).copied().unwrap_or(entry(f, i))
+        t.iter()
+            .find(|e| e.function == f && e.index == i)
+            .copied()
+            .unwrap_or(entry(f, i))
     };
     let sup = |f: u32, i: u32, r: Reg| {
-        let e = supported.iter().find(|e| e.function == f && e.index == i).copied();
+        let e = supported
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .copied();
         e.map(|e| match r {
             Reg::Eax => e.eax,
             Reg::Ebx => e.ebx,
@@ -451,7 +489,9 @@ pub fn model_table(
     feat.l1_ecx &= !(1 << 15);
 
     let max_basic = sup(0, 0, Reg::Eax).min(model.level);
-    let max_ext = sup(0x8000_0000, 0, Reg::Eax).max(0x8000_0004).min(model.xlevel);
+    let max_ext = sup(0x8000_0000, 0, Reg::Eax)
+        .max(0x8000_0004)
+        .min(model.xlevel);
     t.retain(|e| {
         (e.function <= max_basic)
             || (0x4000_0000..0x5000_0000).contains(&e.function)
@@ -468,7 +508,11 @@ pub fn model_table(
 
     let mut l1 = get(&t, 1, 0);
     if model.features.is_some() {
-        let (fam, ext_fam) = if model.family > 0xf { (0xf, model.family - 0xf) } else { (model.family, 0) };
+        let (fam, ext_fam) = if model.family > 0xf {
+            (0xf, model.family - 0xf)
+        } else {
+            (model.family, 0)
+        };
         l1.eax = (model.stepping & 0xf)
             | ((model.model & 0xf) << 4)
             | ((fam & 0xf) << 8)
@@ -529,7 +573,11 @@ pub fn model_table(
     k0.ebx = s0;
     k0.ecx = s1;
     k0.edx = s2;
-    k0.eax = if tsc_khz.is_some() { 0x4000_0010 } else { 0x4000_0001 };
+    k0.eax = if tsc_khz.is_some() {
+        0x4000_0010
+    } else {
+        0x4000_0001
+    };
     set_entry(&mut t, k0);
     let mut k1 = get(&t, 0x4000_0001, 0);
     k1.eax = kvm_features;
@@ -612,7 +660,11 @@ mod tests {
 
     fn supported() -> Vec<kvm_cpuid_entry2> {
         let mut v = vec![
-            kvm_cpuid_entry2 { function: 0, eax: 0x10, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 0,
+                eax: 0x10,
+                ..Default::default()
+            },
             kvm_cpuid_entry2 {
                 function: 1,
                 ecx: 0xffff_ffff,
@@ -626,10 +678,26 @@ mod tests {
                 edx: 1,
                 ..Default::default()
             },
-            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0x4000_0001, eax: 0x7, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0x8000_0000, eax: 0x8000_0021, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x4000_0001,
+                eax: 0x7,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0000,
+                eax: 0x8000_0021,
+                ..Default::default()
+            },
             kvm_cpuid_entry2 {
                 function: 0x8000_0001,
                 ecx: 0xffff_ffff,
@@ -637,7 +705,11 @@ mod tests {
                 ..Default::default()
             },
         ];
-        v.push(kvm_cpuid_entry2 { function: 0x8000_0008, eax: 0x3030, ..Default::default() });
+        v.push(kvm_cpuid_entry2 {
+            function: 0x8000_0008,
+            eax: 0x3030,
+            ..Default::default()
+        });
         v
     }
 
@@ -665,7 +737,9 @@ mod tests {
     #[test]
     fn flags_are_applied_and_masked() {
         let m = CpuModel::by_name("kvm64", "", "").unwrap();
-        let changes = CpuSpec::parse("kvm64,+popcnt,-cx16,sse4_1=on").unwrap().changes;
+        let changes = CpuSpec::parse("kvm64,+popcnt,-cx16,sse4_1=on")
+            .unwrap()
+            .changes;
         let mut sup = supported();
         sup[1].ecx &= !(1 << 19); // host lacks sse4.1
         let t = model_table(&sup, &m, &changes, None);
@@ -679,8 +753,14 @@ mod tests {
 
     #[test]
     fn spec_errors() {
-        assert_eq!(CpuSpec::parse("qemu64,+bogus"), Err(CpuidError::UnknownFlag("bogus".into())));
-        assert_eq!(CpuSpec::parse("qemu64,avx=maybe"), Err(CpuidError::BadOption("avx=maybe".into())));
+        assert_eq!(
+            CpuSpec::parse("qemu64,+bogus"),
+            Err(CpuidError::UnknownFlag("bogus".into()))
+        );
+        assert_eq!(
+            CpuSpec::parse("qemu64,avx=maybe"),
+            Err(CpuidError::BadOption("avx=maybe".into()))
+        );
         assert_eq!(
             CpuModel::by_name("pentium9", "", ""),
             Err(CpuidError::UnknownModel("pentium9".into()))
@@ -689,7 +769,11 @@ mod tests {
 
     #[test]
     fn topology_and_per_vcpu_leaves() {
-        let topo = Topology { sockets: 2, cores: 3, threads: 2 };
+        let topo = Topology {
+            sockets: 2,
+            cores: 3,
+            threads: 2,
+        };
         assert_eq!(topo.shifts(), (1, 3));
         let ids: Vec<u32> = (0..12).map(|i| topo.apic_id(i)).collect();
         assert_eq!(ids, vec![0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
@@ -700,9 +784,23 @@ mod tests {
         assert_eq!(l1.ebx >> 24, 9);
         assert_eq!((l1.ebx >> 16) & 0xff, 6);
         assert_ne!(l1.edx & (1 << 28), 0);
-        let b1 = v.iter().find(|e| e.function == 0xb && e.index == 1).unwrap();
+        let b1 = v
+            .iter()
+            .find(|e| e.function == 0xb && e.index == 1)
+            .unwrap();
         assert_eq!((b1.eax, b1.ebx, b1.edx), (3, 6, 9));
-        let single = for_vcpu(&t, 0, Topology { sockets: 1, cores: 1, threads: 1 });
-        assert_eq!(single.iter().find(|e| e.function == 1).unwrap().edx & (1 << 28), 0);
+        let single = for_vcpu(
+            &t,
+            0,
+            Topology {
+                sockets: 1,
+                cores: 1,
+                threads: 1,
+            },
+        );
+        assert_eq!(
+            single.iter().find(|e| e.function == 1).unwrap().edx & (1 << 28),
+            0
+        );
     }
 }

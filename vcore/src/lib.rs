@@ -7,5 +7,8 @@ pub mod cpuid;
 pub mod cpulist;
 pub mod devices;
 pub mod host;
+pub mod hostcheck;
 pub mod image;
+pub mod qemuopts;
 pub mod units;
+pub mod vm;

@@ -1,5 +1,148 @@
-//! Command line.
+//! vmrun's command line: QEMU spelling (`-smp 2 -m 512m -kernel ...`), with
+//! clap underneath. Single-dash long options are rewritten to the double-dash
+//! form clap understands, so `-smp` and `--smp` both work.
 
-pub fn main() -> i32 {
-    0
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Boot a kernel and initrd with a serial console on this terminal:
+  vmrun -smp 2 -m 512m -kernel vmlinuz -initrd initrd.img \\
+        -append 'console=ttyS0 panic=-1' -nographic -no-reboot
+
+  # Send the console to a file and run in the background of a script:
+  vmrun -m 256m -kernel bzImage -append console=ttyS0 -serial file:boot.log -no-reboot &
+
+  # What can this host do?
+  vmrun --check-host
+
+  # CPU models, and a model with a flag removed:
+  vmrun -cpu help
+  vmrun -cpu qemu64,-svm -kernel bzImage -nographic
+
+Keys with -nographic: Ctrl-a x quits, Ctrl-a h shows help, Ctrl-a Ctrl-a sends Ctrl-a.
+
+Exit status: 0 when the guest powers off, or resets with -no-reboot, or on
+SIGINT/SIGTERM; the guest's value written to port 0x501 (debug exit); 1 on
+an error; 2 on bad usage.";
+
+/// Where `--check-host` writes its report.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+/// Who unpacks a compressed kernel.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DecompressArg {
+    /// vmrun, on the host (cached by content hash)
+    Host,
+    /// the kernel's own decompressor, in the guest
+    Guest,
+}
+
+/// Boot a Linux guest on KVM with a qemu-kvm style command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmrun",
+    version,
+    about = "Boot a Linux guest on KVM with a qemu-kvm style command line",
+    long_about = "Boot a Linux guest on KVM with a qemu-kvm style command line.\n\n\
+                  Options take one dash as in QEMU (-smp 2) or two (--smp 2).",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    /// Name of the guest (also names the process)
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Number of vCPUs and their topology
+    #[arg(long, value_name = "N[,sockets=S][,cores=C][,threads=T]")]
+    pub smp: Option<String>,
+    /// Guest RAM; a bare number is MiB (default 128M)
+    #[arg(short = 'm', value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// CPU model and flags; `-cpu help` lists the models
+    #[arg(long, value_name = "MODEL[,+FLAG][,-FLAG]")]
+    pub cpu: Option<String>,
+    /// Linux kernel: bzImage or ELF vmlinux
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line
+    #[arg(long, value_name = "CMDLINE", allow_hyphen_values = true)]
+    pub append: Option<String>,
+    /// No display: serial console on stdio, Ctrl-a escapes
+    #[arg(long)]
+    pub nographic: bool,
+    /// Serial port backend
+    #[arg(long, value_name = "stdio|file:PATH|null|none")]
+    pub serial: Option<String>,
+    /// Accepted for QEMU compatibility (vmrun always uses KVM)
+    #[arg(long = "enable-kvm")]
+    pub enable_kvm: bool,
+    /// Accepted for QEMU compatibility; the only value is none
+    #[arg(long, value_name = "none")]
+    pub display: Option<String>,
+    /// Exit instead of rebooting when the guest resets
+    #[arg(long = "no-reboot")]
+    pub no_reboot: bool,
+    /// Who unpacks a bzImage's compressed kernel
+    #[arg(long = "kernel-decompress", value_enum, default_value = "host")]
+    pub kernel_decompress: DecompressArg,
+    /// Report what this host offers for guests and exit
+    #[arg(long = "check-host")]
+    pub check_host: bool,
+    /// Format of --check-host's report
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Output,
+    /// Print the guest's boot-time markers (port 0x80 writes) on exit
+    #[arg(long = "boot-markers")]
+    pub boot_markers: bool,
+}
+
+/// Rewrite QEMU-style single-dash long options (`-smp`) to `--smp`.
+pub fn qemu_style(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let cmd = Cli::command();
+    let longs: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let takes_value: Vec<String> = cmd
+        .get_arguments()
+        .filter(|a| a.get_action().takes_values())
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    let mut out = Vec::new();
+    let mut value_next = false;
+    for (i, a) in args.into_iter().enumerate() {
+        if i == 0 || value_next {
+            value_next = false;
+            out.push(a);
+            continue;
+        }
+        let s = a.to_string_lossy().to_string();
+        let mut rewritten = a.clone();
+        if let Some(name) = s
+            .strip_prefix('-')
+            .filter(|n| !n.starts_with('-') && n.len() > 1)
+        {
+            let key = name.split('=').next().unwrap_or(name);
+            if longs.iter().any(|l| l == key) {
+                rewritten = OsString::from(format!("-{s}"));
+                value_next = takes_value.iter().any(|l| l == key) && !name.contains('=');
+            }
+        } else if let Some(name) = s.strip_prefix("--") {
+            value_next = takes_value.iter().any(|l| l == name);
+        } else if s == "-m" {
+            value_next = true;
+        }
+        out.push(rewritten);
+    }
+    out
 }

@@ -1,5 +1,7 @@
 mod cli;
+mod console;
+mod run;
 
 fn main() {
-    std::process::exit(cli::main());
+    std::process::exit(run::main());
 }

@@ -27,7 +27,10 @@ pub enum DecompressError {
     Unsupported(&'static str),
     /// The decoder failed.
     #[error("{method} payload is corrupt: {source}")]
-    Corrupt { method: &'static str, source: std::io::Error },
+    Corrupt {
+        method: &'static str,
+        source: std::io::Error,
+    },
     /// The decompressed payload is not an ELF file.
     #[error("the decompressed payload is not an ELF file")]
     NotElf,
@@ -66,13 +69,21 @@ pub fn payload(image: &[u8]) -> Result<&[u8], DecompressError> {
         0 => 4,
         n => u64::from(n),
     };
-    let off = u64::from(u32::from_le_bytes(image[0x248..0x24c].try_into().unwrap_or_default()));
-    let len = u64::from(u32::from_le_bytes(image[0x24c..0x250].try_into().unwrap_or_default()));
+    let off = u64::from(u32::from_le_bytes(
+        image[0x248..0x24c].try_into().unwrap_or_default(),
+    ));
+    let len = u64::from(u32::from_le_bytes(
+        image[0x24c..0x250].try_into().unwrap_or_default(),
+    ));
     let start = (setup_sects + 1) * 512 + off;
     let size = image.len() as u64;
     match start.checked_add(len) {
         Some(end) if end <= size && len > 0 => Ok(&image[start as usize..end as usize]),
-        _ => Err(DecompressError::BadPayload { offset: start, len, size }),
+        _ => Err(DecompressError::BadPayload {
+            offset: start,
+            len,
+            size,
+        }),
     }
 }
 
@@ -116,7 +127,9 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, DecompressError> {
     let mut out = Vec::with_capacity(payload.len() * 4);
     match m {
         "gzip" => {
-            flate2::read::GzDecoder::new(payload).read_to_end(&mut out).map_err(corrupt(m))?;
+            flate2::read::GzDecoder::new(payload)
+                .read_to_end(&mut out)
+                .map_err(corrupt(m))?;
         }
         "xz" => {
             // The kernel uses CRC32 and a BCJ filter; liblzma handles both.
@@ -131,12 +144,16 @@ pub fn decompress(payload: &[u8]) -> Result<Vec<u8>, DecompressError> {
                 .map_err(corrupt(m))?;
         }
         "bzip2" => {
-            bzip2::read::BzDecoder::new(payload).read_to_end(&mut out).map_err(corrupt(m))?;
+            bzip2::read::BzDecoder::new(payload)
+                .read_to_end(&mut out)
+                .map_err(corrupt(m))?;
         }
         "zstd" => {
             // The kernel appends the 4-byte uncompressed size after the
             // frame; decode the first frame only.
-            let mut d = zstd::stream::read::Decoder::new(payload).map_err(corrupt(m))?.single_frame();
+            let mut d = zstd::stream::read::Decoder::new(payload)
+                .map_err(corrupt(m))?
+                .single_frame();
             d.read_to_end(&mut out).map_err(corrupt(m))?;
         }
         "lz4" => out = lz4_legacy(payload).map_err(corrupt(m))?,
@@ -164,7 +181,10 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// Unpack `image` (a bzImage), using and filling the cache in `cache`.
 /// Returns the ELF and whether it came from the cache.
-pub fn unpack_cached(image: &[u8], cache: Option<&Path>) -> Result<(Vec<u8>, bool), DecompressError> {
+pub fn unpack_cached(
+    image: &[u8],
+    cache: Option<&Path>,
+) -> Result<(Vec<u8>, bool), DecompressError> {
     let key = format!("{:x}", Sha256::digest(image));
     let cached = cache.map(|d| d.join(format!("{key}.elf")));
     if let Some(p) = &cached {
@@ -245,7 +265,14 @@ mod tests {
             v.extend_from_slice(&block);
             v
         };
-        for (name, p) in [("gzip", gz), ("xz", xz), ("lzma", lzma), ("bzip2", bz), ("zstd", zst), ("lz4", lz4)] {
+        for (name, p) in [
+            ("gzip", gz),
+            ("xz", xz),
+            ("lzma", lzma),
+            ("bzip2", bz),
+            ("zstd", zst),
+            ("lz4", lz4),
+        ] {
             assert_eq!(method(&p), name);
             let img = fake_bzimage(&p);
             assert_eq!(payload(&img).unwrap(), &p[..]);
@@ -255,18 +282,33 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert!(matches!(payload(b"not a kernel"), Err(DecompressError::NotBzImage)));
+        assert!(matches!(
+            payload(b"not a kernel"),
+            Err(DecompressError::NotBzImage)
+        ));
         let mut img = fake_bzimage(b"\x89LZOxxxx");
-        assert!(matches!(decompress(payload(&img).unwrap()), Err(DecompressError::Unsupported("lzo"))));
+        assert!(matches!(
+            decompress(payload(&img).unwrap()),
+            Err(DecompressError::Unsupported("lzo"))
+        ));
         img[0x24c..0x250].copy_from_slice(&0xffff_fffu32.to_le_bytes());
-        assert!(matches!(payload(&img), Err(DecompressError::BadPayload { .. })));
+        assert!(matches!(
+            payload(&img),
+            Err(DecompressError::BadPayload { .. })
+        ));
         let gz_not_elf = {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(b"hello").unwrap();
             e.finish().unwrap()
         };
-        assert!(matches!(decompress(&gz_not_elf), Err(DecompressError::NotElf)));
-        assert!(matches!(decompress(&[0x1f, 0x8b, 0, 0]), Err(DecompressError::Corrupt { .. })));
+        assert!(matches!(
+            decompress(&gz_not_elf),
+            Err(DecompressError::NotElf)
+        ));
+        assert!(matches!(
+            decompress(&[0x1f, 0x8b, 0, 0]),
+            Err(DecompressError::Corrupt { .. })
+        ));
     }
 
     #[test]

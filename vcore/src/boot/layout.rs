@@ -53,13 +53,19 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
     }
 }
 
 /// The e820 map: (address, length, type).
 pub fn e820(size: u64) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
     let low_end = size.min(MMIO_HOLE_START);
     if low_end > HIMEM_START {
         map.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));

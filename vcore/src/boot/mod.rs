@@ -35,17 +35,29 @@ pub enum Decompress {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("could not read kernel '{path}': {source}")]
-    ReadKernel { path: PathBuf, source: std::io::Error },
+    ReadKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("could not read initrd '{path}': {source}")]
-    ReadInitrd { path: PathBuf, source: std::io::Error },
+    ReadInitrd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel '{path}' is neither an ELF vmlinux nor a bzImage")]
     UnknownFormat { path: PathBuf },
     #[error("kernel '{path}' is a 32-bit image; only 64-bit guests are supported")]
     Elf32 { path: PathBuf },
     #[error("could not unpack bzImage '{path}': {source}")]
-    Decompress { path: PathBuf, source: decompress::DecompressError },
+    Decompress {
+        path: PathBuf,
+        source: decompress::DecompressError,
+    },
     #[error("could not load kernel '{path}': {source}")]
-    Load { path: PathBuf, source: linux_loader::loader::Error },
+    Load {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
     #[error("initrd '{path}' ({size} bytes) does not fit in guest memory above the kernel; use a larger -m")]
     InitrdTooLarge { path: PathBuf, size: u64 },
     #[error("kernel command line is {0} bytes, more than the {CMDLINE_MAX}-byte limit")]
@@ -100,7 +112,10 @@ fn setup_header_of(image: &[u8]) -> setup_header {
 /// Load the kernel, initrd and command line described by `spec`.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError> {
     let kpath = spec.kernel.to_path_buf();
-    let image = fs::read(spec.kernel).map_err(|source| BootError::ReadKernel { path: kpath.clone(), source })?;
+    let image = fs::read(spec.kernel).map_err(|source| BootError::ReadKernel {
+        path: kpath.clone(),
+        source,
+    })?;
     let mut header: Option<setup_header> = None;
     let mut decompressed = None;
     let mut compression = None;
@@ -113,16 +128,29 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError>
         compression = method;
         match spec.decompress {
             Decompress::Host => {
-                let (elf, hit) = decompress::unpack_cached(&image, spec.cache.as_deref())
-                    .map_err(|source| BootError::Decompress { path: kpath.clone(), source })?;
+                let (elf, hit) =
+                    decompress::unpack_cached(&image, spec.cache.as_deref()).map_err(|source| {
+                        BootError::Decompress {
+                            path: kpath.clone(),
+                            source,
+                        }
+                    })?;
                 decompressed = Some(hit);
-                let r = Elf::load(mem, None, &mut Cursor::new(elf), himem)
-                    .map_err(|source| BootError::Load { path: kpath.clone(), source })?;
+                let r = Elf::load(mem, None, &mut Cursor::new(elf), himem).map_err(|source| {
+                    BootError::Load {
+                        path: kpath.clone(),
+                        source,
+                    }
+                })?;
                 (r, None)
             }
             Decompress::Guest => {
-                let r = BzImage::load(mem, None, &mut Cursor::new(&image), himem)
-                    .map_err(|source| BootError::Load { path: kpath.clone(), source })?;
+                let r = BzImage::load(mem, None, &mut Cursor::new(&image), himem).map_err(
+                    |source| BootError::Load {
+                        path: kpath.clone(),
+                        source,
+                    },
+                )?;
                 // The 64-bit entry of a bzImage is 0x200 past the protected-mode code.
                 let rip = r.kernel_load.raw_value() + 0x200;
                 (r, Some(rip))
@@ -132,8 +160,12 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError>
         if image.get(4) == Some(&1) {
             return Err(BootError::Elf32 { path: kpath });
         }
-        let r = Elf::load(mem, None, &mut Cursor::new(&image), himem)
-            .map_err(|source| BootError::Load { path: kpath.clone(), source })?;
+        let r = Elf::load(mem, None, &mut Cursor::new(&image), himem).map_err(|source| {
+            BootError::Load {
+                path: kpath.clone(),
+                source,
+            }
+        })?;
         (r, None)
     } else {
         return Err(BootError::UnknownFormat { path: kpath });
@@ -154,9 +186,15 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError>
     let low_end = spec.mem_size.min(MMIO_HOLE_START);
     let mut initrd = None;
     if let Some(ipath) = spec.initrd {
-        let data = fs::read(ipath).map_err(|source| BootError::ReadInitrd { path: ipath.to_path_buf(), source })?;
+        let data = fs::read(ipath).map_err(|source| BootError::ReadInitrd {
+            path: ipath.to_path_buf(),
+            source,
+        })?;
         let size = data.len() as u64;
-        let max = header.map(|h| u64::from(h.initrd_addr_max)).filter(|&m| m > 0).unwrap_or(u64::MAX);
+        let max = header
+            .map(|h| u64::from(h.initrd_addr_max))
+            .filter(|&m| m > 0)
+            .unwrap_or(u64::MAX);
         let top = low_end.min(max.saturating_add(1));
         let addr = top.checked_sub(size).map(|a| a & !0xfff);
         match addr {
@@ -164,7 +202,12 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError>
                 mem.write_slice(&data, GuestAddress(a))?;
                 initrd = Some((a, size));
             }
-            _ => return Err(BootError::InitrdTooLarge { path: ipath.to_path_buf(), size }),
+            _ => {
+                return Err(BootError::InitrdTooLarge {
+                    path: ipath.to_path_buf(),
+                    size,
+                })
+            }
         }
     }
 
@@ -172,7 +215,10 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError>
     let entry = match (result.pvh_boot_cap, bz_entry) {
         (PvhBootCapability::PvhEntryPresent(addr), None) => {
             write_pvh(mem, &e820, initrd, cmdline.len())?;
-            Entry::Pvh { rip: addr.raw_value(), start_info: PVH_INFO_START }
+            Entry::Pvh {
+                rip: addr.raw_value(),
+                start_info: PVH_INFO_START,
+            }
         }
         (_, rip) => {
             write_zero_page(mem, header, &e820, initrd, cmdline.len(), rip.is_some())?;
@@ -182,7 +228,13 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError>
             }
         }
     };
-    Ok(Loaded { entry, kernel_end, initrd, decompressed, compression })
+    Ok(Loaded {
+        entry,
+        kernel_end,
+        initrd,
+        decompressed,
+        compression,
+    })
 }
 
 fn write_pvh(
@@ -200,13 +252,22 @@ fn write_pvh(
         ..Default::default()
     };
     if let Some((addr, size)) = initrd {
-        let m = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
+        let m = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
         mem.write_obj(m, GuestAddress(PVH_MODLIST_START))?;
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START;
     }
     for (i, &(addr, size, type_)) in e820.iter().enumerate() {
-        let e = hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
+        let e = hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        };
         let at = PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
         mem.write_obj(e, GuestAddress(at))?;
     }
@@ -243,7 +304,11 @@ fn write_zero_page(
         p.hdr.ramdisk_size = size as u32;
     }
     for (i, &(addr, size, type_)) in e820.iter().enumerate().take(p.e820_table.len()) {
-        p.e820_table[i] = boot_e820_entry { addr, size, r#type: type_ };
+        p.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: type_,
+        };
         p.e820_entries = i as u8 + 1;
     }
     mem.write_obj(p, GuestAddress(ZERO_PAGE_START))?;

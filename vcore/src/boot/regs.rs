@@ -12,7 +12,10 @@ use super::Entry;
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
     #[error("KVM rejected the vCPU's {what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("could not write boot page tables: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -62,9 +65,16 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
 }
 
 /// Put the boot vCPU at the kernel's entry point.
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Result<(), RegsError> {
+pub fn setup_boot_vcpu(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    entry: Entry,
+) -> Result<(), RegsError> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("special registers"))?;
-    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        ..Default::default()
+    };
     match entry {
         Entry::Pvh { rip, start_info } => {
             // Flat 32-bit segments; the kernel loads its own GDT at once.
@@ -148,7 +158,11 @@ fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), RegsError> {
 
 /// FPU state after reset (x87 control word, MXCSR).
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm("FPU state"))
 }
 
@@ -176,12 +190,19 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
         (SYSCALL_MASK, 0),
         (LSTAR, 0),
         (IA32_TSC, 0),
-        (IA32_MISC_ENABLE, 1), // fast string operations
+        (IA32_MISC_ENABLE, 1),          // fast string operations
         (MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, write-back by default
     ];
     for (index, data) in list {
-        let msrs = Msrs::from_entries(&[kvm_msr_entry { index, data, ..Default::default() }])
-            .map_err(|_| RegsError::Kvm { what: "MSRs", source: kvm_ioctls::Error::new(libc::EINVAL) })?;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .map_err(|_| RegsError::Kvm {
+            what: "MSRs",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
         // One at a time: KVM stops at the first MSR it refuses.
         let _ = vcpu.set_msrs(&msrs);
     }
@@ -216,7 +237,10 @@ mod tests {
     fn gdt_entries_decode() {
         let code = gdt_entry(0xa09b, 0, 0xfffff);
         let s = segment(code, 8);
-        assert_eq!((s.l, s.db, s.g, s.present, s.type_, s.s), (1, 0, 1, 1, 0xb, 1));
+        assert_eq!(
+            (s.l, s.db, s.g, s.present, s.type_, s.s),
+            (1, 0, 1, 1, 0xb, 1)
+        );
         assert_eq!(s.limit, 0xffff_ffff);
         let data32 = segment(gdt_entry(0xc093, 0, 0xfffff), 0x18);
         assert_eq!((data32.db, data32.type_), (1, 3));

@@ -79,7 +79,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.lookup(addr) {
             Some((base, dev)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).read(addr - base, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(addr - base, data);
                 true
             }
             None => false,
@@ -90,7 +92,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.lookup(addr) {
             Some((base, dev)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).write(addr - base, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(addr - base, data);
                 true
             }
             None => false,
@@ -119,11 +123,19 @@ mod tests {
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         assert_eq!(
             bus.insert(0x3fc, 2, dev.clone()),
-            Err(BusError::Overlap { base: 0x3fc, len: 2, other: 0x3f8 })
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 2,
+                other: 0x3f8
+            })
         );
         assert_eq!(
             bus.insert(0x3f0, 9, dev.clone()),
-            Err(BusError::Overlap { base: 0x3f0, len: 9, other: 0x3f8 })
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 9,
+                other: 0x3f8
+            })
         );
         bus.insert(0x3f0, 8, dev.clone()).unwrap();
         let mut b = [0u8; 1];

@@ -56,7 +56,10 @@ impl Cmos {
     }
 
     fn read_reg(&self, reg: u8) -> u8 {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let secs = now % 86_400;
         let days = (now / 86_400) as i64;
         let (y, m, d) = civil_from_days(days);
@@ -78,7 +81,11 @@ impl Cmos {
 
 impl BusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = if offset == 1 { self.read_reg(self.index) } else { 0xff };
+        let v = if offset == 1 {
+            self.read_reg(self.index)
+        } else {
+            0xff
+        };
         data.fill(v);
     }
 
@@ -118,7 +125,10 @@ mod tests {
         };
         let lo = rd(0x34);
         let hi = rd(0x35);
-        assert_eq!(u16::from_le_bytes([lo, hi]), ((256 - 16) << 20 >> 16) as u16);
+        assert_eq!(
+            u16::from_le_bytes([lo, hi]),
+            ((256 - 16) << 20 >> 16) as u16
+        );
         assert_eq!(rd(0x0b), 0x02);
         assert_eq!(rd(0x0d), 0x80);
         let month = rd(0x08);

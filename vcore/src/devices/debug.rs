@@ -58,7 +58,10 @@ pub struct Markers {
 impl Markers {
     /// A marker record starting now.
     pub fn new() -> Self {
-        Markers { start: Instant::now(), seen: Arc::new(Mutex::new(Vec::new())) }
+        Markers {
+            start: Instant::now(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 
     /// Every marker so far: (time since start, value).

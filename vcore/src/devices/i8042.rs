@@ -17,7 +17,9 @@ pub struct I8042 {
 impl I8042 {
     /// An i8042 whose reset line signals `reset`.
     pub fn new(reset: EventFdTrigger) -> Self {
-        I8042 { dev: I8042Device::new(reset) }
+        I8042 {
+            dev: I8042Device::new(reset),
+        }
     }
 }
 

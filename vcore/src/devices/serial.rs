@@ -21,7 +21,9 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART writing to `out` and raising `irq` for interrupts.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        SerialDevice { serial: Serial::new(irq, out) }
+        SerialDevice {
+            serial: Serial::new(irq, out),
+        }
     }
 
     /// Queue bytes typed by the user. Returns how many fit in the FIFO.

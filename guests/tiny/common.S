@@ -1,0 +1,52 @@
+/* Shared pieces of the tiny test guests: a PVH ELF note so vmrun enters
+ * _start in 32-bit protected mode, and serial/exit helpers.
+ * Registers: EBX holds the PVH hvm_start_info address at entry. */
+        .section .note.Xen, "a", @note
+        .align 4
+        .long 4, 4, 18          /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
+        .asciz "Xen"
+        .long _start
+
+        .text
+        .code32
+/* putc: write AL to COM1. */
+putc:
+        push %edx
+        mov $0x3f8, %dx
+        out %al, %dx
+        pop %edx
+        ret
+/* puts: write the NUL-terminated string at ESI. */
+puts:
+        push %eax
+1:      lodsb
+        test %al, %al
+        jz 2f
+        call putc
+        jmp 1b
+2:      pop %eax
+        ret
+/* puthex: write EAX as 8 hex digits. */
+puthex:
+        push %ecx
+        push %eax
+        mov $8, %ecx
+1:      rol $4, %eax
+        push %eax
+        and $0xf, %al
+        add $'0', %al
+        cmp $'9', %al
+        jbe 2f
+        add $('a' - '0' - 10), %al
+2:      call putc
+        pop %eax
+        loop 1b
+        pop %eax
+        pop %ecx
+        ret
+/* exit: stop the VM with status AL (debug-exit port). */
+exit:
+        mov $0x501, %dx
+        out %al, %dx
+3:      hlt
+        jmp 3b
