@@ -19,7 +19,7 @@ Examples:
   vhuge mount                          hugetlbfs on /dev/hugepages
   vhuge mount /mnt/huge1g --size 1G --mode 0770 --gid kvm
   vhuge plan --mem 4G --guests 2       pages needed and the `vhuge set` line
-  vhuge verify --mem 4G --path /dev/hugepages && qemu-system-x86_64 -m 4G -mem-path /dev/hugepages ...
+  vhuge verify --mem 4G --path /dev/hugepages    exit 0 only if a 4 GiB guest fits now
   vhuge persist --dry-run              sysctl.d and fstab lines for the current setup";
 
 /// vhuge: hugepage pools and hugetlbfs mounts.
