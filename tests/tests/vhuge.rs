@@ -758,6 +758,52 @@ fn live_pool_mount_map_restore() {
     fs::remove_file(&file).unwrap();
     assert_eq!(status_2m()["free"].as_u64().unwrap(), free0);
 
+    // A hugetlb memfd (QEMU memory-backend-memfd,hugetlb=on) is found too.
+    {
+        let name = c"vhuge-e2e";
+        // SAFETY: valid NUL-terminated name; the fd is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_HUGETLB) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, 4 << 20) }, 0);
+        // SAFETY: fd is open; shared RW mapping of 4 MiB, checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let map = Mapping {
+            ptr,
+            len: 4 << 20,
+            fd,
+        };
+        // SAFETY: inside the mapping.
+        unsafe { *(map.ptr as *mut u8) = 1 };
+        let v = json(&vhuge(&["status", "--json"]));
+        let me = std::process::id();
+        let h = v["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["pid"] == me)
+            .expect("memfd holder listed");
+        assert_eq!(h["mapped"], 4u64 << 20, "{h}");
+        assert!(
+            h["files"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("/memfd:vhuge-e2e"),
+            "{h}"
+        );
+    }
+    assert_eq!(status_2m()["free"].as_u64().unwrap(), free0);
+
     let o = vhuge(&["umount", ds]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(!is_mounted(&dir));

@@ -459,6 +459,22 @@ pub fn compact_memory(root: &Path) -> Result<(), HugeError> {
     write_value(&compact_memory_path(root), 1)
 }
 
+/// Lock file that tests and tools take (flock, exclusive) while they change
+/// the host's hugepage pools, so that concurrent runs do not see each
+/// other's pages.
+pub const POOL_LOCK: &str = "/run/lock/vtools-hugepages.lock";
+
+/// Take the exclusive [`POOL_LOCK`] (blocks); released when the file drops.
+pub fn lock_pools() -> io::Result<nix::fcntl::Flock<fs::File>> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(POOL_LOCK)?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io::Error::from_raw_os_error(e as i32))
+}
+
 /// A hugetlbfs mount and its page size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HugetlbfsMount {
@@ -580,9 +596,45 @@ pub fn parse_maps(text: &str, mount_points: &[PathBuf]) -> Vec<(String, u64)> {
     out
 }
 
+/// Parse /proc/PID/smaps text: `memfd:` mappings backed by hugepages
+/// (`KernelPageSize` above 4 kB; transparent hugepages report 4 kB), as
+/// `(path, bytes)`. This finds `memfd_create(MFD_HUGETLB)` guest memory
+/// (QEMU `memory-backend-memfd,hugetlb=on`, vmrun memfd backing), which
+/// /proc/PID/maps alone cannot tell from ordinary memfds.
+pub fn parse_smaps_memfd_hugetlb(text: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut cur: Option<(String, u64)> = None;
+    for line in text.lines() {
+        let first = line.split(' ').next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                let path = line.splitn(6, ' ').nth(5).unwrap_or("").trim_start();
+                cur = path
+                    .starts_with("/memfd:")
+                    .then(|| (path.to_string(), b.saturating_sub(a)));
+                continue;
+            }
+        }
+        if let Some(kb) = line.strip_prefix("KernelPageSize:") {
+            let kb: u64 = kb
+                .split_ascii_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if let Some(c) = cur.take() {
+                if kb > 4 {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Processes under `<root>/proc` that map hugetlbfs files (from
-/// `/proc/PID/maps`), anonymous hugetlb memory, or hold open file
-/// descriptors on a hugetlbfs mount. Processes that vanish or cannot be
+/// `/proc/PID/maps`), anonymous hugetlb memory, hugetlb memfds (from
+/// `/proc/PID/smaps`, read only for processes with memfd mappings), or hold
+/// open file descriptors on a hugetlbfs mount. Processes that vanish or cannot be
 /// read are skipped.
 pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, HugeError> {
     let proc_dir = root.join("proc");
@@ -603,6 +655,14 @@ pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, Hu
             for (path, bytes) in parse_maps(&maps, &points) {
                 mapped += bytes;
                 files.insert(path, ());
+            }
+            if maps.contains("/memfd:") {
+                if let Ok(smaps) = fs::read_to_string(dir.join("smaps")) {
+                    for (path, bytes) in parse_smaps_memfd_hugetlb(&smaps) {
+                        mapped += bytes;
+                        files.insert(path, ());
+                    }
+                }
             }
         }
         if !points.is_empty() {
@@ -1001,6 +1061,25 @@ mod tests {
             HolderKind::Vmrun
         );
         assert_eq!(classify("bash", "bash"), HolderKind::Other);
+    }
+
+    #[test]
+    fn smaps_finds_hugetlb_memfd() {
+        let smaps = "\
+7f0000000000-7f0040000000 rw-s 00000000 00:01 12 /memfd:guest-ram (deleted)
+Size:            1048576 kB
+KernelPageSize:     2048 kB
+MMUPageSize:        2048 kB
+7f1000000000-7f1000400000 rw-s 00000000 00:01 13 /memfd:other (deleted)
+Size:               4096 kB
+KernelPageSize:        4 kB
+7f2000000000-7f2000200000 rw-p 00000000 00:00 0
+KernelPageSize:     2048 kB
+";
+        assert_eq!(
+            parse_smaps_memfd_hugetlb(smaps),
+            vec![("/memfd:guest-ram (deleted)".to_string(), 1 << 30)]
+        );
     }
 
     #[test]
