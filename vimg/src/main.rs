@@ -1,4 +1,15 @@
+//! vimg: qemu-img compatible disk image tool for raw and qcow2.
+
+mod check;
 mod cli;
+mod common;
+mod compare;
+mod convert;
+mod create;
+mod info;
+mod map;
+mod qjson;
+mod resize;
 
 fn main() {
     std::process::exit(cli::main());

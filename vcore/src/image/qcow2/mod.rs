@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod create;
+pub mod map;
 pub mod meta;
 
 use super::{check_range, Allocation, BlockDevice, Error, Format, OpenOptions, Result};
