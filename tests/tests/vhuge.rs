@@ -481,6 +481,29 @@ fn cli_help_version_usage() {
     assert_eq!(code(&vhuge(&[])), 2);
 }
 
+/// hugeadm (libhugetlbfs) as the oracle for the pool-list columns.
+fn assert_pool_list_matches_hugeadm(context: &str) {
+    let Ok(h) = Command::new("hugeadm").arg("--pool-list").output() else {
+        eprintln!("skipping hugeadm comparison ({context}): hugeadm not installed");
+        return;
+    };
+    assert!(h.status.success(), "hugeadm --pool-list: {h:?}");
+    let ours = stdout(&vhuge(&["status"]));
+    for line in String::from_utf8_lossy(&h.stdout).lines() {
+        let want = line.trim_end();
+        assert!(
+            ours.lines().any(|l| l.starts_with(want)),
+            "{context}: hugeadm line {want:?} not in vhuge status:\n{ours}"
+        );
+    }
+}
+
+#[test]
+fn host_pool_list_like_hugeadm() {
+    let _lock = lock_pool();
+    assert_pool_list_matches_hugeadm("host as found");
+}
+
 // ---------------------------------------------------------------------------
 // Live test (root): the host's 2 MiB pool and a real hugetlbfs mount.
 
@@ -661,6 +684,7 @@ fn live_pool_mount_map_restore() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let p = status_2m();
     assert_eq!(p["total"], orig + 64);
+    assert_pool_list_matches_hugeadm("pool raised");
     let free0 = p["free"].as_u64().unwrap();
     let resv0 = p["reserved"].as_u64().unwrap();
 
