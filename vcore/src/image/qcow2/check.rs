@@ -213,6 +213,10 @@ fn check_l2(
         } else {
             0
         };
+        if e & OFLAG_COMPRESSED == 0 && e & 0x3f00_0000_0000_01fe != 0 {
+            log(&format!("ERROR found l2 entry with reserved bits set: {e:x}"));
+            res.corruptions += 1;
+        }
         if e & OFLAG_COMPRESSED != 0 {
             if e & OFLAG_COPIED != 0 {
                 let (co, _) = meta::compressed_extent(h, e);
@@ -305,6 +309,10 @@ fn check_l1(
         let l2 = e & OFFSET_MASK;
         if l2 == 0 {
             continue;
+        }
+        if e & 0x7f00_0000_0000_01ff != 0 {
+            log(&format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+            res.corruptions += 1;
         }
         inc(ctx, res, t, l2, ctx.cs(), log);
         if l2 & (ctx.cs() - 1) != 0 {
@@ -465,7 +473,14 @@ fn compare(
 fn check_copied(ctx: &mut Ctx, res: &mut CheckResult, fix: Fix, log: Log) -> Result<(), String> {
     let h = ctx.h.clone();
     let cs = ctx.cs();
-    let repair = fix.errors;
+    // QEMU: -r all repairs; -r leaks repairs only when nothing else is wrong.
+    let repair = if fix.errors {
+        true
+    } else if fix.leaks {
+        res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0
+    } else {
+        false
+    };
     let mut l1 = be64s(
         &read_zero_padded(ctx.f, h.l1_table_offset, h.l1_size as u64 * 8)
             .map_err(|e| e.to_string())?,
