@@ -44,6 +44,10 @@ pub fn run(
     };
     let (s1, s2) = (a[0].size(), b[0].size());
     let common = s1.min(s2);
+    if strict && s1 != s2 {
+        say("Strict mode: Image size mismatch!".into());
+        return 1;
+    }
     let mut b1 = vec![0u8; CHUNK];
     let mut b2 = vec![0u8; CHUNK];
     let mut off = 0u64;

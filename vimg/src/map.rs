@@ -11,8 +11,16 @@ use vcore::image::{self, Allocation, BlockDevice, Format, OpenOptions};
 
 /// One layer of a backing chain, for block-status queries.
 pub enum Layer {
-    Raw { dev: RawDevice, name: String },
-    Qcow2 { m: Mapper, name: String, size: u64 },
+    Raw {
+        dev: RawDevice,
+        name: String,
+    },
+    Qcow2 {
+        m: Mapper,
+        name: String,
+        size: u64,
+        meta_prealloc: bool,
+    },
 }
 
 impl Layer {
@@ -77,10 +85,13 @@ pub fn open_chain(path: &str, fmt: Option<Format>, force_share: bool) -> R<Vec<L
                         h.backing_format.as_deref().and_then(Format::from_name),
                     )
                 });
+                let meta_prealloc =
+                    vcore::image::qcow2::check::detect_metadata_preallocation(&f).unwrap_or(false);
                 layers.push(Layer::Qcow2 {
                     m,
                     name: cur.0.clone(),
                     size: h.size,
+                    meta_prealloc,
                 });
                 match next {
                     Some(n) => cur = n,
@@ -140,9 +151,18 @@ pub fn status(layers: &mut [Layer], off: u64, max: u64) -> R<Entry> {
                     _ => mk(len, true, true, false, false, Some(off)),
                 });
             }
-            Layer::Qcow2 { m, .. } => {
+            Layer::Qcow2 {
+                m, meta_prealloc, ..
+            } => {
+                let meta_prealloc = *meta_prealloc;
                 let (k, len) = m.status(off, max).map_err(err)?;
                 return Ok(match k {
+                    Kind::Normal(h) if meta_prealloc => {
+                        // Like QEMU on metadata-preallocated images: ask the
+                        // file system whether the data cluster is a hole.
+                        let (zero, flen) = file_zero_run(m.file(), h, len).map_err(err)?;
+                        mk(flen, true, zero, true, false, Some(h))
+                    }
                     Kind::Normal(h) => mk(len, true, false, true, false, Some(h)),
                     Kind::ZeroAlloc(h) => mk(len, true, true, true, false, Some(h)),
                     Kind::ZeroPlain => mk(len, true, true, false, false, None),
@@ -320,4 +340,40 @@ pub fn read_chain(layers: &mut [Layer], off: u64, buf: &mut [u8]) -> R<()> {
         pos += n;
     }
     Ok(())
+}
+
+/// Whether `[off, off+len)` of a file starts in a hole (or past EOF), and
+/// how long that state lasts (at most `len`).
+fn file_zero_run(f: &File, off: u64, len: u64) -> std::io::Result<(bool, u64)> {
+    let flen = f.metadata()?.len();
+    if off >= flen {
+        return Ok((true, len));
+    }
+    let data = seek(f, off, libc::SEEK_DATA)?;
+    match data {
+        Some(d) if d == off => {
+            let h = seek(f, off, libc::SEEK_HOLE)?.unwrap_or(flen);
+            if h >= flen {
+                Ok((false, (flen - off).clamp(1, len)))
+            } else {
+                Ok((false, (h - off).clamp(1, len)))
+            }
+        }
+        Some(d) => Ok((true, (d - off).clamp(1, len))),
+        None => Ok((true, len)),
+    }
+}
+
+fn seek(f: &File, off: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd; integer arguments only.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
 }

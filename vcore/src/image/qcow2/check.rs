@@ -214,7 +214,9 @@ fn check_l2(
             0
         };
         if e & OFLAG_COMPRESSED == 0 && e & 0x3f00_0000_0000_01fe != 0 {
-            log(&format!("ERROR found l2 entry with reserved bits set: {e:x}"));
+            log(&format!(
+                "ERROR found l2 entry with reserved bits set: {e:x}"
+            ));
             res.corruptions += 1;
         }
         if e & OFLAG_COMPRESSED != 0 {
@@ -311,7 +313,9 @@ fn check_l1(
             continue;
         }
         if e & 0x7f00_0000_0000_01ff != 0 {
-            log(&format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+            log(&format!(
+                "ERROR found L1 entry with reserved bits set: {e:x}"
+            ));
             res.corruptions += 1;
         }
         inc(ctx, res, t, l2, ctx.cs(), log);
@@ -745,4 +749,26 @@ pub fn check(f: &File, fix: Fix, log: Log) -> Result<CheckResult, String> {
         f.sync_data().map_err(|e| e.to_string())?;
     }
     Ok(res)
+}
+
+/// QEMU's `qcow2_detect_metadata_preallocation`: true when many more
+/// clusters are referenced than the file has allocated (then QEMU asks the
+/// file system which data clusters are holes when reporting block status).
+pub fn detect_metadata_preallocation(f: &File) -> Result<bool, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut ctx = load(f)?;
+    let md = f.metadata().map_err(|e| e.to_string())?;
+    let cs = ctx.cs();
+    let real_clusters = md.blocks() * 512 / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end = md.len().div_ceil(cs);
+    let mut count = 0;
+    let mut i = 0;
+    while i < end && count < threshold {
+        if ctx.get_refcount(i)? != 0 {
+            count += 1;
+        }
+        i += 1;
+    }
+    Ok(count >= threshold)
 }
