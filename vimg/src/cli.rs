@@ -109,7 +109,7 @@ pub enum Cmd {
         #[arg(short = 'q')]
         quiet: bool,
         /// Image file and new size (absolute, +N or -N after `--`).
-        #[arg(allow_hyphen_values = true, num_args = 0..)]
+        #[arg(num_args = 0..)]
         args: Vec<String>,
     },
     /// Convert or copy an image: vimg convert [-p] [-c] [-f fmt] [-O fmt] [-o opts] [-B backing -F fmt] [-S n] [-n] SRC DST
@@ -254,10 +254,9 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             quiet,
             args,
         } => {
-            let args: Vec<String> = args.into_iter().filter(|a| a != "--").collect();
             if args.len() != 2 {
                 return Err(crate::common::fail(
-                    "Expecting image file name and size\nTry 'vimg --help' for more information",
+                    "Expecting image file name and size\nTry 'vimg resize --help' for more info",
                 ));
             }
             crate::resize::run(crate::resize::ResizeArgs {

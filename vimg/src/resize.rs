@@ -55,10 +55,39 @@ pub fn run(a: ResizeArgs) -> R<()> {
         Format::Raw => {
             Dev::Raw(RawDevice::from_file(file, false).map_err(|e| fail(open_error_text(&e)))?)
         }
-        Format::Qcow2 => Dev::Qcow2(
-            Qcow2Device::open_file(Path::new(&a.file), file, &opts, 0)
-                .map_err(|e| fail(open_error_text(&e)))?,
-        ),
+        Format::Qcow2 => {
+            // Grow without preallocation: QEMU's own layout (new L1 table in
+            // the first free clusters), no imago needed.
+            let h = vcore::image::qcow2::meta::Header::read(&file)
+                .map_err(|m| fail(format!("Could not open '{}': {m}", a.file)))?;
+            if h.corrupt() {
+                return Err(fail(format!(
+                    "Could not open '{}': qcow2: Image is corrupt; cannot be opened read/write",
+                    a.file
+                )));
+            }
+            let target = match rel {
+                1 => (h.size as i128) + n as i128,
+                -1 => (h.size as i128) - n as i128,
+                _ => n as i128,
+            };
+            if !h.dirty()
+                && target >= h.size as i128
+                && target % 512 == 0
+                && target <= i64::MAX as i128
+                && prealloc.is_none_or(|p| p == Prealloc::Off)
+                && vcore::image::qcow2::resize::grow(&file, target as u64).is_ok()
+            {
+                if !a.quiet {
+                    println!("Image resized.");
+                }
+                return Ok(());
+            }
+            Dev::Qcow2(
+                Qcow2Device::open_file(Path::new(&a.file), file, &opts, 0)
+                    .map_err(|e| fail(open_error_text(&e)))?,
+            )
+        }
     };
     let current = match &dev {
         Dev::Raw(r) => r.file().metadata().map(|m| m.len()).unwrap_or(0),

@@ -5,6 +5,7 @@ pub mod check;
 pub mod create;
 pub mod map;
 pub mod meta;
+pub mod resize;
 
 use super::{check_range, Allocation, BlockDevice, Error, Format, OpenOptions, Result};
 use imago::format::PreallocateMode;
