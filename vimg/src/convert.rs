@@ -62,11 +62,6 @@ pub fn run(a: ConvertArgs) -> R<()> {
     if a.compress && out_fmt != Format::Qcow2 {
         return Err(fail("Compression not supported for this file format"));
     }
-    if a.compress {
-        return Err(fail(
-            "Compressed output (-c) is not supported by this version of vimg",
-        ));
-    }
     if a.backing.is_some() && a.backing_fmt.is_none() && !a.no_create {
         return Err(fail(format!(
             "{dst}: Backing file specified without backing format"
@@ -95,6 +90,14 @@ pub fn run(a: ConvertArgs) -> R<()> {
             file: dst.clone(),
             size: Some(total.to_string()),
         })?;
+    }
+    if out_fmt == Format::Qcow2 && !a.no_create {
+        return convert_seq(&a, &mut sources, dst, total, sparse);
+    }
+    if a.compress {
+        return Err(fail(
+            "Compressed output (-c) needs a new qcow2 target (not -n)",
+        ));
     }
     let oopts = OpenOptions {
         format: Some(out_fmt),
@@ -209,6 +212,159 @@ pub fn run(a: ConvertArgs) -> R<()> {
     target
         .flush()
         .map_err(|e| fail(format!("error while flushing {dst}: {e}")))?;
+    if a.progress {
+        println!("    (100.00/100%)");
+    }
+    Ok(())
+}
+
+/// Convert into a freshly created qcow2 image with the sequential writer:
+/// a reader thread fills chunks while this thread compresses (in parallel
+/// with -c) and appends.
+fn convert_seq(
+    a: &ConvertArgs,
+    sources: &mut [Vec<Layer>],
+    dst: &str,
+    total: u64,
+    sparse: u64,
+) -> R<()> {
+    use vcore::image::qcow2::writer::{compress, SeqWriter};
+    let oopts = OpenOptions {
+        format: Some(Format::Qcow2),
+        read_only: false,
+        ..Default::default()
+    };
+    let tfile = image::open_file(Path::new(dst), &oopts)
+        .map_err(|e| fail(crate::common::open_error_text(&e)))?;
+    let mut w = SeqWriter::new(tfile).map_err(|m| fail(format!("{dst}: {m}")))?;
+    let cs = w.header().cluster_size();
+    let ctype = w.header().compression_type;
+    let chunk = (8u64 << 20).max(cs);
+    let mut backing: Option<Vec<Layer>> = match &a.backing {
+        Some(b) => {
+            let bp = image::resolve_backing(Path::new(dst), b)
+                .display()
+                .to_string();
+            let bf = a.backing_fmt.as_deref().and_then(Format::from_name);
+            Some(open_chain(&bp, bf, true)?)
+        }
+        None => None,
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    if a.progress {
+        progress(0.0);
+    }
+    let mut last_pct = -1i64;
+    // Reader thread: (guest offset, data, backing data).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<R<(u64, Vec<u8>, Option<Vec<u8>>)>>(2);
+    std::thread::scope(|sc| -> R<()> {
+        let backing = &mut backing;
+        sc.spawn(move || {
+            let mut base = 0u64;
+            for src in sources.iter_mut() {
+                let size = src[0].size();
+                let mut off = 0u64;
+                while off < size {
+                    let n = (size - off).min(chunk) as usize;
+                    let mut buf = vec![0u8; n.next_multiple_of(cs as usize)];
+                    if let Err(e) = read_chain(src, off, &mut buf[..n]) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    let bb = match backing.as_mut() {
+                        Some(bl) => {
+                            let bsize = bl[0].size();
+                            let mut bb = vec![0u8; buf.len()];
+                            let g = base + off;
+                            if g < bsize {
+                                let bn = ((bsize - g) as usize).min(n);
+                                if let Err(e) = read_chain(bl, g, &mut bb[..bn]) {
+                                    let _ = tx.send(Err(e));
+                                    return;
+                                }
+                            }
+                            Some(bb)
+                        }
+                        None => None,
+                    };
+                    if tx.send(Ok((base + off, buf, bb))).is_err() {
+                        return;
+                    }
+                    off += n as u64;
+                }
+                base += size;
+            }
+        });
+        for item in rx {
+            let (goff, buf, bb) = item?;
+            let first_cluster = goff / cs;
+            let clusters: Vec<&[u8]> = buf.chunks(cs as usize).collect();
+            let keep: Vec<bool> = clusters
+                .iter()
+                .enumerate()
+                .map(|(i, c)| match &bb {
+                    Some(b) => {
+                        let s = i * cs as usize;
+                        **c != b[s..s + c.len()]
+                    }
+                    None => sparse == 0 || c.iter().any(|&x| x != 0),
+                })
+                .collect();
+            let comp: Vec<Option<Vec<u8>>> = if a.compress {
+                let per = clusters.len().div_ceil(threads);
+                let mut out = vec![None; clusters.len()];
+                std::thread::scope(|s2| {
+                    let hs: Vec<_> = clusters
+                        .chunks(per.max(1))
+                        .zip(keep.chunks(per.max(1)))
+                        .map(|(cl, kp)| {
+                            s2.spawn(move || {
+                                cl.iter()
+                                    .zip(kp)
+                                    .map(|(c, k)| if *k { compress(ctype, c) } else { None })
+                                    .collect::<Vec<_>>()
+                            })
+                        })
+                        .collect();
+                    let mut i = 0;
+                    for h in hs {
+                        for r in h.join().unwrap_or_default() {
+                            out[i] = r;
+                            i += 1;
+                        }
+                    }
+                });
+                out
+            } else {
+                vec![None; clusters.len()]
+            };
+            for (i, c) in clusters.iter().enumerate() {
+                if !keep[i] {
+                    continue;
+                }
+                let gc = first_cluster + i as u64;
+                let r = match &comp[i] {
+                    Some(z) => w.write_compressed(gc, z),
+                    None => w.write_cluster(gc, c),
+                };
+                r.map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+            }
+            if a.progress && total > 0 {
+                let done = (goff + buf.len() as u64).min(total);
+                let pct = (done * 100 / total) as i64;
+                if pct != last_pct {
+                    last_pct = pct;
+                    progress(done as f64 * 100.0 / total as f64);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    w.finish()
+        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
     if a.progress {
         println!("    (100.00/100%)");
     }
