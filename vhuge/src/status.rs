@@ -55,7 +55,13 @@ pub fn base_page_size() -> u64 {
 /// Read everything under `root`.
 pub fn gather(root: &Path) -> Result<Status> {
     let mi = hp::meminfo(root)?;
-    let pools = hp::pools(root)?
+    let raw = hp::pools(root)?;
+    // No page in use or reserved in any pool: no process can hold hugetlb
+    // memory, so skip reading every /proc/PID/maps.
+    let busy = raw
+        .iter()
+        .any(|p| p.used() > 0 || p.reserved > 0 || p.surplus > 0);
+    let pools = raw
         .into_iter()
         .map(|p| PoolView {
             minimum: p.minimum(),
@@ -66,7 +72,11 @@ pub fn gather(root: &Path) -> Result<Status> {
         })
         .collect();
     let mounts = hp::hugetlbfs_mounts(root)?;
-    let holders = hp::holders(root, &mounts)?;
+    let holders = if busy {
+        hp::holders(root, &mounts)?
+    } else {
+        Vec::new()
+    };
     let mut meminfo = serde_json::Map::new();
     for (k, v, _) in &mi.lines {
         meminfo.insert(k.clone(), (*v).into());
