@@ -876,6 +876,27 @@ pub fn check_backing(path: &Path, bytes: u64) -> Result<BackingCheck, HugeError>
     }
 }
 
+/// The same check for hugetlb memory without a mount (`memfd_create` with
+/// `MFD_HUGETLB`, `MAP_HUGETLB`): `page_size` `None` means the default
+/// hugepage size. `what` names the backing in messages (e.g. `memfd`).
+pub fn check_hugetlb_memory(
+    what: &str,
+    page_size: Option<u64>,
+    bytes: u64,
+) -> Result<BackingCheck, HugeError> {
+    let root = Path::new("/");
+    let size = match page_size {
+        Some(s) => s,
+        None => default_size(root)?,
+    };
+    let check = check_pool(root, Path::new(what), size, bytes, None)?;
+    if check.fits() {
+        Ok(check)
+    } else {
+        Err(HugeError::Shortfall(Box::new(check)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1122,6 +1143,26 @@ KernelPageSize:     2048 kB
         assert!(c.fits());
         assert!(!c.fits_persistent());
         assert!(c.to_string().contains("overcommit"), "{c}");
+    }
+
+    #[test]
+    fn check_hugetlb_memory_on_this_host() {
+        // Read-only: 1 byte of hugetlb memory fits exactly when the default
+        // pool has a page available (or overcommit room).
+        let Ok(p) = pool(Path::new("/"), default_size(Path::new("/")).unwrap_or(M2)) else {
+            eprintln!("skipping: no hugepages on this host");
+            return;
+        };
+        let r = check_hugetlb_memory("memfd", None, 1);
+        assert_eq!(
+            r.is_ok(),
+            p.available() + p.overcommit_headroom() >= 1,
+            "{r:?}"
+        );
+        if let Err(e) = r {
+            assert!(e.to_string().contains("on memfd"), "{e}");
+        }
+        assert!(check_hugetlb_memory("memfd", Some(3 << 20), 1).is_err());
     }
 
     #[test]
