@@ -72,11 +72,17 @@ pub fn gather(root: &Path) -> Result<Status> {
         })
         .collect();
     let mounts = hp::hugetlbfs_mounts(root)?;
-    let holders = if busy {
-        hp::holders(root, &mounts)?
+    let (holders, denied) = if busy {
+        hp::holders_and_denied(root, &mounts)?
     } else {
-        Vec::new()
+        (Vec::new(), 0)
     };
+    if denied > 0 {
+        eprintln!(
+            "vhuge: {denied} processes could not be inspected (permission denied); run as root \
+             to see every holder of hugepages"
+        );
+    }
     let mut meminfo = serde_json::Map::new();
     for (k, v, _) in &mi.lines {
         meminfo.insert(k.clone(), (*v).into());

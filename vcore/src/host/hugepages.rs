@@ -637,6 +637,16 @@ pub fn parse_smaps_memfd_hugetlb(text: &str) -> Vec<(String, u64)> {
 /// open file descriptors on a hugetlbfs mount. Processes that vanish or cannot be
 /// read are skipped.
 pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, HugeError> {
+    holders_and_denied(root, mounts).map(|(h, _)| h)
+}
+
+/// [`holders`], plus how many processes could not be inspected because
+/// their /proc/PID/maps was not readable (EACCES without root).
+pub fn holders_and_denied(
+    root: &Path,
+    mounts: &[HugetlbfsMount],
+) -> Result<(Vec<Holder>, usize), HugeError> {
+    let mut denied = 0;
     let proc_dir = root.join("proc");
     let rd = fs::read_dir(&proc_dir).map_err(|source| HugeError::Read {
         path: proc_dir.clone(),
@@ -651,7 +661,13 @@ pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, Hu
         let dir = entry.path();
         let mut files: BTreeMap<String, ()> = BTreeMap::new();
         let mut mapped = 0;
-        if let Ok(maps) = fs::read_to_string(dir.join("maps")) {
+        let maps = fs::read_to_string(dir.join("maps"));
+        if let Err(e) = &maps {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                denied += 1;
+            }
+        }
+        if let Ok(maps) = maps {
             for (path, bytes) in parse_maps(&maps, &points) {
                 mapped += bytes;
                 files.insert(path, ());
@@ -695,7 +711,7 @@ pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, Hu
         });
     }
     out.sort_by_key(|h| h.pid);
-    Ok(out)
+    Ok((out, denied))
 }
 
 /// Page size and free blocks of a hugetlbfs path, from statfs.
