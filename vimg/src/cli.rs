@@ -184,6 +184,64 @@ pub enum Cmd {
         file1: String,
         file2: String,
     },
+    /// Manage internal snapshots: vimg snapshot [-l | -c NAME | -a NAME | -d NAME] FILE
+    #[command(
+        after_help = "Examples:\n  vimg snapshot -c before-upgrade disk.qcow2\n  vimg snapshot -l disk.qcow2\n  vimg snapshot -a before-upgrade disk.qcow2"
+    )]
+    Snapshot {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        /// List snapshots.
+        #[arg(short = 'l')]
+        list: bool,
+        /// Create a snapshot.
+        #[arg(short = 'c')]
+        create: Option<String>,
+        /// Apply (revert to) a snapshot.
+        #[arg(short = 'a')]
+        apply: Option<String>,
+        /// Delete a snapshot.
+        #[arg(short = 'd')]
+        delete: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: String,
+    },
+    /// Change image options: vimg amend [-f fmt] -o compat=..,lazy_refcounts=..,refcount_bits=.. FILE
+    #[command(
+        after_help = "Examples:\n  vimg amend -o compat=1.1,lazy_refcounts=on disk.qcow2\n  vimg amend -o refcount_bits=64 disk.qcow2"
+    )]
+    Amend {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(short = 'o')]
+        opts: Vec<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        file: String,
+    },
+    /// Space needed for an image: vimg measure [--output human|json] [-O fmt] [-o opts] (--size N | [-f fmt] FILE)
+    #[command(
+        after_help = "Examples:\n  vimg measure -O qcow2 --size 20G\n  vimg measure --output=json -O qcow2 disk.raw"
+    )]
+    Measure {
+        #[arg(short = 'O')]
+        out_fmt: Option<String>,
+        #[arg(short = 'o')]
+        opts: Vec<String>,
+        /// Virtual size of a new image.
+        #[arg(long)]
+        size: Option<String>,
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long)]
+        output: Option<String>,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        file: Option<String>,
+    },
 }
 
 fn output_json(o: &Option<String>) -> R<bool> {
@@ -304,6 +362,64 @@ fn dispatch(cmd: Cmd) -> R<i32> {
         } => {
             let json = output_json(&output)?;
             crate::map::run(&file, fmt.as_deref(), json, force_share).map(|_| 0)
+        }
+        Cmd::Snapshot {
+            fmt,
+            list,
+            create,
+            apply,
+            delete,
+            quiet: _,
+            force_share,
+            file,
+        } => {
+            use crate::snapshot::Action;
+            let n = list as usize
+                + create.is_some() as usize
+                + apply.is_some() as usize
+                + delete.is_some() as usize;
+            if n > 1 {
+                return Err(crate::common::fail(
+                    "Cannot mix '-l', '-a', '-c', '-d'\nTry 'vimg snapshot --help' for more info",
+                ));
+            }
+            let action = if let Some(c) = create {
+                Action::Create(c)
+            } else if let Some(a) = apply {
+                Action::Apply(a)
+            } else if let Some(d) = delete {
+                Action::Delete(d)
+            } else {
+                Action::List
+            };
+            crate::snapshot::run_snapshot(&file, fmt.as_deref(), action, force_share).map(|_| 0)
+        }
+        Cmd::Amend {
+            fmt,
+            opts,
+            quiet,
+            file,
+        } => crate::snapshot::run_amend(&file, fmt.as_deref(), &opts, quiet).map(|_| 0),
+        Cmd::Measure {
+            out_fmt,
+            opts,
+            size,
+            fmt,
+            output,
+            force_share,
+            file,
+        } => {
+            let json = output_json(&output)?;
+            crate::snapshot::run_measure(crate::snapshot::MeasureArgs {
+                out_fmt,
+                opts,
+                size,
+                fmt,
+                json,
+                force_share,
+                file,
+            })
+            .map(|_| 0)
         }
         Cmd::Compare {
             fmt1,

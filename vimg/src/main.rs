@@ -10,6 +10,7 @@ mod info;
 mod map;
 mod qjson;
 mod resize;
+mod snapshot;
 
 fn main() {
     std::process::exit(cli::main());

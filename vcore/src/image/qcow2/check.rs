@@ -623,10 +623,11 @@ fn rebuild_structure(ctx: &mut Ctx, t: &mut Imrt) -> Result<(), String> {
     let mut nh = Header::read(ctx.f)?;
     nh.refcount_table_offset = rt_off;
     nh.refcount_table_clusters = n_rt as u32;
+    nh.refcount_order = h.refcount_order;
     let hb = nh.serialize()?;
-    ctx.f
-        .write_all_at(&hb[..72], 0)
-        .map_err(|e| e.to_string())?;
+    // One write (within the first sector) switches table and width at once.
+    let n = if nh.version >= 3 { 104 } else { 72 };
+    ctx.f.write_all_at(&hb[..n], 0).map_err(|e| e.to_string())?;
     ctx.f.sync_data().map_err(|e| e.to_string())?;
     ctx.h = nh;
     ctx.file_len = ctx.f.metadata().map_err(|e| e.to_string())?.len();
@@ -771,4 +772,39 @@ pub fn detect_metadata_preallocation(f: &File) -> Result<bool, String> {
         i += 1;
     }
     Ok(count >= threshold)
+}
+
+/// Rewrite the refcount structures with a new width (2^order bits), as
+/// `amend -o refcount_bits=N` does. The image must be consistent.
+pub fn change_refcount_order(f: &File, order: u32) -> Result<(), String> {
+    let mut ctx = load(f)?;
+    if ctx.h.version < 3 {
+        return Err("refcount widths other than 16 bits need compat=1.1".into());
+    }
+    let mut res = CheckResult::default();
+    let mut t = new_imrt(&ctx);
+    calculate(&ctx, &mut res, &mut t, &mut |_| {})?;
+    if res.corruptions != 0 || res.check_errors != 0 {
+        return Err("the image is corrupt; repair it with 'vimg check -r all' first".into());
+    }
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u64 << order)) - 1
+    };
+    if t.v.iter().any(|&r| r > max) {
+        return Err("Cannot decrease refcount entry width: some refcounts are too large".into());
+    }
+    ctx.h.refcount_order = order;
+    t.rbe = ctx.h.refblock_entries();
+    t.max = max;
+    // New structures carry the new width; the header switch below makes
+    // them live (order first would misread the old blocks).
+    rebuild_structure(&mut ctx, &mut t)?;
+    // Old structures are now leaked: free them.
+    let r = check(f, Fix::LEAKS, &mut |_| {})?;
+    if r.corruptions != 0 {
+        return Err("refcount width change left the image inconsistent".into());
+    }
+    Ok(())
 }
