@@ -459,6 +459,17 @@ pub fn compact_memory(root: &Path) -> Result<(), HugeError> {
     write_value(&compact_memory_path(root), 1)
 }
 
+/// Transparent hugepage settings (`enabled`, `defrag`) from
+/// `<root>/sys/kernel/mm/transparent_hugepage`: the bracketed choice, e.g.
+/// `madvise`. `None` when the kernel has no THP.
+pub fn thp_setting(root: &Path, name: &str) -> Option<String> {
+    let text =
+        fs::read_to_string(root.join("sys/kernel/mm/transparent_hugepage").join(name)).ok()?;
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_string())
+}
+
 /// Lock file that tests and tools take (flock, exclusive) while they change
 /// the host's hugepage pools, so that concurrent runs do not see each
 /// other's pages.
@@ -999,6 +1010,22 @@ mod tests {
             check_node(root, 1),
             Err(HugeError::NoSuchNode { node: 1, .. })
         ));
+    }
+
+    #[test]
+    fn thp_settings() {
+        let t = fixture(&[(M2, 0, 0, 0, 0, 0)], 2048);
+        assert_eq!(thp_setting(t.path(), "enabled"), None);
+        let d = t.path().join("sys/kernel/mm/transparent_hugepage");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("enabled"), "always [madvise] never\n").unwrap();
+        fs::write(
+            d.join("defrag"),
+            "always defer defer+madvise [madvise] never\n",
+        )
+        .unwrap();
+        assert_eq!(thp_setting(t.path(), "enabled").as_deref(), Some("madvise"));
+        assert_eq!(thp_setting(t.path(), "defrag").as_deref(), Some("madvise"));
     }
 
     #[test]
