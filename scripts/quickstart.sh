@@ -9,5 +9,5 @@ cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 target/release/vmrun --check-host
 exec target/release/vmrun -name demo -smp 2 -m 256m \
-    -kernel build/guest/bzImage -initrd build/guest/initramfs.cpio.gz \
+    -kernel build/guest/bzImage -initrd build/guest/initramfs.cpio \
     -append "console=ttyS0 panic=-1 reboot=k" -nographic -no-reboot
