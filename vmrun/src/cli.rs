@@ -16,6 +16,14 @@ Examples:
   # Send the console to a file and run in the background of a script:
   vmrun -m 256m -kernel bzImage -append console=ttyS0 -serial file:boot.log -no-reboot &
 
+  # Boot from a qcow2 disk with an entropy source:
+  vmrun -m 256m -kernel bzImage -append 'console=ttyS0 root=/dev/vda rw' \\
+        -drive file=disk.qcow2,if=virtio,cache=writeback -device virtio-rng-pci -nographic
+
+  # A second disk read-only, and keep every image unchanged:
+  vmrun -m 256m -kernel bzImage -append 'root=/dev/vda console=ttyS0' -hda root.img \\
+        -drive file=data.raw,format=raw,readonly=on -snapshot -nographic
+
   # What can this host do?
   vmrun --check-host
 
@@ -104,6 +112,21 @@ pub struct Cli {
     /// Print the guest's boot-time markers (port 0x80 writes) on exit
     #[arg(long = "boot-markers")]
     pub boot_markers: bool,
+    /// A disk: a virtio-blk PCI device over a raw or qcow2 image (see docs/disks.md)
+    #[arg(
+        long,
+        value_name = "file=PATH[,format=raw|qcow2][,if=virtio][,cache=MODE][,aio=MODE][,readonly=on][,discard=unmap|ignore][,serial=S][,id=ID][,snapshot=on]"
+    )]
+    pub drive: Vec<String>,
+    /// A virtio disk from an image (like -drive file=PATH)
+    #[arg(long, value_name = "PATH")]
+    pub hda: Option<PathBuf>,
+    /// Write to temporary overlays; the disk images stay unchanged
+    #[arg(long)]
+    pub snapshot: bool,
+    /// A device: virtio-rng-pci, or virtio-blk-pci,drive=ID for an if=none drive
+    #[arg(long, value_name = "DRIVER[,prop=value...]")]
+    pub device: Vec<String>,
 }
 
 /// Rewrite QEMU-style single-dash long options (`-smp`) to `--smp`.

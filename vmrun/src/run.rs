@@ -139,6 +139,12 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             pvm::LINUX_PARAMS
         );
     }
+    let devices = crate::drive::parse_devices(&cli.device).map_err(Failure::Usage)?;
+    let disks = crate::drive::open_all(cli.hda.as_deref(), &cli.drive, &devices, cli.snapshot)
+        .map_err(|e| match e {
+            crate::drive::DriveError::Usage(m) => Failure::Usage(m),
+            crate::drive::DriveError::Open(m) => Failure::Runtime(anyhow!(m)),
+        })?;
     let _raw = (cli.nographic && stdio_console).then(console::RawTerminal::enable);
     let mut serial_out = Some(serial_out);
     loop {
@@ -159,6 +165,8 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             kernel_cache: vcore::boot::decompress::cache_dir(),
             serial: serial_out.take().unwrap_or(SerialOut::Stdout),
             pvm_quirks,
+            disks: disks.iter().map(|d| d.spec.clone()).collect(),
+            rng: devices.rng,
         };
         let vm = Vm::new(cfg).map_err(|e| anyhow!(e))?;
         if stdio_console {
