@@ -457,12 +457,11 @@ fn cli_help_version_usage() {
     let o = vhuge(&["--help"]);
     assert_eq!(code(&o), 0);
     let h = stdout(&o);
-    assert!(
-        h.trim_end().ends_with(
-            "vhuge persist --dry-run              sysctl.d and fstab lines for the current setup"
-        ),
-        "{h}"
-    );
+    // Help ends with the examples (whatever the terminal width wraps).
+    let ex = h.rfind("Examples:").expect("examples in --help");
+    assert!(ex > h.find("Options:").unwrap(), "{h}");
+    assert!(h[ex..].contains("vhuge persist --dry-run"), "{h}");
+    assert!(h[ex..].contains("vhuge set 1024"), "{h}");
     for sub in [
         "status", "set", "mount", "umount", "plan", "verify", "persist",
     ] {
@@ -479,6 +478,29 @@ fn cli_help_version_usage() {
     assert!(stderr(&o).contains("unexpected argument '--bogus'"));
     assert_eq!(code(&vhuge(&["status", "--nope"])), 2);
     assert_eq!(code(&vhuge(&[])), 2);
+}
+
+/// hugeadm (libhugetlbfs) as the oracle for the pool-list columns.
+fn assert_pool_list_matches_hugeadm(context: &str) {
+    let Ok(h) = Command::new("hugeadm").arg("--pool-list").output() else {
+        eprintln!("skipping hugeadm comparison ({context}): hugeadm not installed");
+        return;
+    };
+    assert!(h.status.success(), "hugeadm --pool-list: {h:?}");
+    let ours = stdout(&vhuge(&["status"]));
+    for line in String::from_utf8_lossy(&h.stdout).lines() {
+        let want = line.trim_end();
+        assert!(
+            ours.lines().any(|l| l.starts_with(want)),
+            "{context}: hugeadm line {want:?} not in vhuge status:\n{ours}"
+        );
+    }
+}
+
+#[test]
+fn host_pool_list_like_hugeadm() {
+    let _lock = lock_pool();
+    assert_pool_list_matches_hugeadm("host as found");
 }
 
 // ---------------------------------------------------------------------------
@@ -661,6 +683,7 @@ fn live_pool_mount_map_restore() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let p = status_2m();
     assert_eq!(p["total"], orig + 64);
+    assert_pool_list_matches_hugeadm("pool raised");
     let free0 = p["free"].as_u64().unwrap();
     let resv0 = p["reserved"].as_u64().unwrap();
 
@@ -756,6 +779,52 @@ fn live_pool_mount_map_restore() {
         }
     }
     fs::remove_file(&file).unwrap();
+    assert_eq!(status_2m()["free"].as_u64().unwrap(), free0);
+
+    // A hugetlb memfd (QEMU memory-backend-memfd,hugetlb=on) is found too.
+    {
+        let name = c"vhuge-e2e";
+        // SAFETY: valid NUL-terminated name; the fd is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_HUGETLB) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, 4 << 20) }, 0);
+        // SAFETY: fd is open; shared RW mapping of 4 MiB, checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let map = Mapping {
+            ptr,
+            len: 4 << 20,
+            fd,
+        };
+        // SAFETY: inside the mapping.
+        unsafe { *(map.ptr as *mut u8) = 1 };
+        let v = json(&vhuge(&["status", "--json"]));
+        let me = std::process::id();
+        let h = v["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["pid"] == me)
+            .expect("memfd holder listed");
+        assert_eq!(h["mapped"], 4u64 << 20, "{h}");
+        assert!(
+            h["files"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("/memfd:vhuge-e2e"),
+            "{h}"
+        );
+    }
     assert_eq!(status_2m()["free"].as_u64().unwrap(), free0);
 
     let o = vhuge(&["umount", ds]);

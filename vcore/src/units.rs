@@ -584,4 +584,110 @@ mod tests {
         assert_eq!(round_up(u64::MAX, 512), u64::MAX / 512 * 512);
         assert_eq!(round_up(3 * MIB, 2 * MIB), 4 * MIB);
     }
+
+    /// qemu-img as the oracle: `create` accepts, rounds and rejects sizes as
+    /// parse_image_size does, with the same messages; `info` prints sizes as
+    /// size_with_bytes does.
+    #[test]
+    fn qemu_img_oracle() {
+        use std::process::Command;
+        let Ok(v) = Command::new("qemu-img").arg("--version").output() else {
+            eprintln!("skipping qemu_img_oracle: qemu-img not installed");
+            return;
+        };
+        eprintln!(
+            "oracle: {}",
+            String::from_utf8_lossy(&v.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("x.raw");
+        for s in [
+            "1",
+            "1000",
+            "10b",
+            "1.5G",
+            "1.1k",
+            "0x1000",
+            "1g",
+            "512m",
+            ".5k",
+            "1.",
+            "+1",
+            " 1G",
+            "123456789",
+            "1KiB",
+            "1Gi",
+            "1e3",
+            "1.5",
+            "abc",
+            "1 G",
+            "",
+            "0x10k",
+            "00x10",
+            "-1",
+            "8E",
+            "16E",
+            "1kk",
+        ] {
+            let _ = std::fs::remove_file(&img);
+            let o = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&img)
+                .arg(s)
+                .output()
+                .unwrap();
+            let ours = parse_image_size(s);
+            match ours {
+                Ok(n) => {
+                    assert!(o.status.success(), "{s:?}: qemu-img failed: {o:?}");
+                    let len = std::fs::metadata(&img).unwrap().len();
+                    assert_eq!(len, round_up(n, 512), "{s:?}");
+                }
+                Err(e) if s == "-1" => {
+                    // qemu-img takes "-1" as an option; we reject it as a size.
+                    assert!(!o.status.success());
+                    assert!(matches!(e, SizeError::Invalid { .. }));
+                }
+                Err(e) => {
+                    assert!(!o.status.success(), "{s:?}: qemu-img accepted it");
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    assert_eq!(
+                        err.trim_end(),
+                        format!("qemu-img: {}", e.qemu_img_message("image size")),
+                        "{s:?}"
+                    );
+                }
+            }
+        }
+        for n in [
+            512u64,
+            1024000,
+            1536 * KIB,
+            123457024,
+            197120,
+            GIB,
+            20 * GIB,
+            1023 * 1024,
+        ] {
+            let _ = std::fs::remove_file(&img);
+            let o = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&img)
+                .arg(n.to_string())
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+            let o = Command::new("qemu-img")
+                .args(["info", "-f", "raw"])
+                .arg(&img)
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            let want = format!("virtual size: {}\n", size_with_bytes(n));
+            assert!(out.contains(&want), "{n}: {out}");
+        }
+    }
 }

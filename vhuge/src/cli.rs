@@ -9,18 +9,18 @@ use crate::{mount, persist, plan, pool, status};
 
 const EXAMPLES: &str = "\
 Examples:
-  vhuge status                         pools, nodes, mounts and who holds hugepages
-  vhuge status --json                  the same for scripts
-  vhuge set 1024                       2 MiB pool (the default size) to 1024 pages
-  vhuge set --size 1G 4                four 1 GiB pages
-  vhuge set +512 --compact             add 512 pages, compacting memory if short
-  vhuge set 8G                         enough default-size pages for 8 GiB
-  vhuge set --node 1 -- -64            remove 64 pages from node 1
-  vhuge mount                          hugetlbfs on /dev/hugepages
+  vhuge status                     pools, nodes, mounts, who holds pages
+  vhuge status --json              the same for scripts
+  vhuge set 1024                   default-size (2 MiB) pool to 1024 pages
+  vhuge set --size 1G 4            four 1 GiB pages
+  vhuge set +512 --compact         add 512 pages, compact memory if short
+  vhuge set 8G                     enough default-size pages for 8 GiB
+  vhuge set --node 1 -- -64        remove 64 pages from node 1
+  vhuge mount                      hugetlbfs on /dev/hugepages
   vhuge mount /mnt/huge1g --size 1G --mode 0770 --gid kvm
-  vhuge plan --mem 4G --guests 2       pages needed and the `vhuge set` line
-  vhuge verify --mem 4G --path /dev/hugepages    exit 0 only if a 4 GiB guest fits now
-  vhuge persist --dry-run              sysctl.d and fstab lines for the current setup";
+  vhuge plan --mem 4G --guests 2   pages needed and the `vhuge set` line
+  vhuge verify --mem 4G            exit 0 only if a 4 GiB guest fits now
+  vhuge persist --dry-run          sysctl.d and fstab lines for this setup";
 
 /// vhuge: hugepage pools and hugetlbfs mounts.
 #[derive(Debug, Parser)]

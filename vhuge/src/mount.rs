@@ -1,6 +1,6 @@
 //! `vhuge mount` and `vhuge umount`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{MntFlags, MsFlags};
@@ -9,6 +9,22 @@ use vcore::host::mounts;
 use vcore::units::{size_to_str, size_to_suffix};
 
 use crate::cli::MountArgs;
+
+/// The mount point as /proc/mounts shows it: absolute, symlinks resolved
+/// when it exists (only for the real root).
+pub fn absolute(root: &Path, dir: &Path) -> PathBuf {
+    if root == Path::new("/") {
+        if let Ok(c) = std::fs::canonicalize(dir) {
+            return c;
+        }
+    }
+    if dir.is_relative() {
+        if let Ok(cwd) = std::env::current_dir() {
+            return cwd.join(dir);
+        }
+    }
+    dir.to_path_buf()
+}
 
 /// Resolve a user name or number.
 fn uid_of(s: &str) -> Result<u32> {
@@ -66,7 +82,7 @@ pub fn run_mount(root: &Path, a: &MountArgs) -> Result<i32> {
     hp::check_size(root, size)?;
     let opts = options(a, size)?;
     let existing = hp::hugetlbfs_mounts(root)?;
-    let dir = &a.dir;
+    let dir = &absolute(root, &a.dir);
     if let Some(m) = existing.iter().rev().find(|m| &m.target == dir) {
         if m.page_size == size {
             eprintln!(
@@ -121,6 +137,7 @@ pub fn run_mount(root: &Path, a: &MountArgs) -> Result<i32> {
 
 /// `vhuge umount`.
 pub fn run_umount(root: &Path, dir: &Path) -> Result<i32> {
+    let dir = &absolute(root, dir);
     let all = mounts::mounts(root)
         .with_context(|| format!("cannot read {}", root.join("proc/mounts").display()))?;
     match mounts::mount_at(&all, dir) {
@@ -137,7 +154,7 @@ pub fn run_umount(root: &Path, dir: &Path) -> Result<i32> {
         let mut msg = format!("cannot unmount {}: {}", target.display(), errno_of(e));
         if e == nix::Error::EBUSY {
             let hm = hp::hugetlbfs_mounts(root)?;
-            let only: Vec<_> = hm.into_iter().filter(|m| m.target == dir).collect();
+            let only: Vec<_> = hm.into_iter().filter(|m| &m.target == dir).collect();
             let holders = hp::holders(root, &only)?;
             if !holders.is_empty() {
                 let who: Vec<String> = holders

@@ -92,11 +92,22 @@ pub fn boot_params(size: u64, node: Option<u32>, count: u64) -> String {
 }
 
 /// The error for fewer pages than requested.
-pub fn shortfall_message(size: u64, node: Option<u32>, requested: u64, got: u64) -> String {
+pub fn shortfall_message(
+    size: u64,
+    node: Option<u32>,
+    requested: u64,
+    got: u64,
+    compacted: bool,
+) -> String {
     let on = node.map(|n| format!(" on node {n}")).unwrap_or_default();
+    let why = if compacted {
+        "memory is fragmented even after compaction; free memory (drop caches, stop \
+         processes) and retry,"
+    } else {
+        "memory is fragmented; try --compact,"
+    };
     let mut m = format!(
-        "requested {requested} pages of {}{on}, got {got}: memory is fragmented; try --compact, \
-         or reserve at boot with {}",
+        "requested {requested} pages of {}{on}, got {got}: {why} or reserve at boot with {}",
         size_to_str(size),
         boot_params(size, node, requested)
     );
@@ -163,7 +174,10 @@ pub fn run(root: &Path, a: &SetArgs) -> Result<i32> {
             got = current_count(root, size, a.node)?;
         }
         if got < target {
-            bail!("{}", shortfall_message(size, a.node, target, got));
+            bail!(
+                "{}",
+                shortfall_message(size, a.node, target, got, a.compact)
+            );
         }
         if got > target {
             bail!("{}", in_use_message(size, a.node, target, got));
@@ -235,11 +249,12 @@ mod tests {
     #[test]
     fn messages() {
         assert_eq!(
-            shortfall_message(M2, None, 1024, 733),
+            shortfall_message(M2, None, 1024, 733, false),
             "requested 1024 pages of 2 MiB, got 733: memory is fragmented; try --compact, or \
              reserve at boot with hugepagesz=2M hugepages=1024"
         );
-        assert!(shortfall_message(1 << 30, Some(1), 4, 1)
+        assert!(shortfall_message(M2, None, 8, 7, true).contains("even after compaction"));
+        assert!(shortfall_message(1 << 30, Some(1), 4, 1, false)
             .ends_with("hugepagesz=1G hugepages=1:4 (or hugetlb_cma=4G for runtime 1 GiB pages)"));
         assert_eq!(
             in_use_message(M2, None, 0, 16),

@@ -15,6 +15,8 @@ pub struct Status {
     pub base_page_size: u64,
     /// Default hugepage size in bytes (`Hugepagesize`), if any.
     pub default_size: Option<u64>,
+    /// Transparent hugepages: `enabled` and `defrag` choices (`madvise`).
+    pub thp: Thp,
     /// One entry per hugepage size.
     pub pools: Vec<PoolView>,
     /// The hugepage lines of /proc/meminfo, name → value (kB lines in kB).
@@ -27,6 +29,15 @@ pub struct Status {
     pub mounts: Vec<HugetlbfsMount>,
     /// Processes holding hugetlbfs memory.
     pub holders: Vec<Holder>,
+}
+
+/// Transparent hugepage settings.
+#[derive(Debug, Serialize)]
+pub struct Thp {
+    /// `always`, `madvise` or `never`; null without THP.
+    pub enabled: Option<String>,
+    /// The defrag choice; null without THP.
+    pub defrag: Option<String>,
 }
 
 /// A pool with hugeadm's derived columns.
@@ -55,7 +66,13 @@ pub fn base_page_size() -> u64 {
 /// Read everything under `root`.
 pub fn gather(root: &Path) -> Result<Status> {
     let mi = hp::meminfo(root)?;
-    let pools = hp::pools(root)?
+    let raw = hp::pools(root)?;
+    // No page in use or reserved in any pool: no process can hold hugetlb
+    // memory, so skip reading every /proc/PID/maps.
+    let busy = raw
+        .iter()
+        .any(|p| p.used() > 0 || p.reserved > 0 || p.surplus > 0);
+    let pools = raw
         .into_iter()
         .map(|p| PoolView {
             minimum: p.minimum(),
@@ -66,7 +83,17 @@ pub fn gather(root: &Path) -> Result<Status> {
         })
         .collect();
     let mounts = hp::hugetlbfs_mounts(root)?;
-    let holders = hp::holders(root, &mounts)?;
+    let (holders, denied) = if busy {
+        hp::holders_and_denied(root, &mounts)?
+    } else {
+        (Vec::new(), 0)
+    };
+    if denied > 0 {
+        eprintln!(
+            "vhuge: {denied} processes could not be inspected (permission denied); run as root \
+             to see every holder of hugepages"
+        );
+    }
     let mut meminfo = serde_json::Map::new();
     for (k, v, _) in &mi.lines {
         meminfo.insert(k.clone(), (*v).into());
@@ -74,6 +101,10 @@ pub fn gather(root: &Path) -> Result<Status> {
     Ok(Status {
         base_page_size: base_page_size(),
         default_size: mi.default_size(),
+        thp: Thp {
+            enabled: hp::thp_setting(root, "enabled"),
+            defrag: hp::thp_setting(root, "defrag"),
+        },
         pools,
         meminfo,
         meminfo_lines: mi.lines,
@@ -90,6 +121,12 @@ pub fn render(s: &Status) -> String {
     match s.default_size {
         Some(d) => o += &format!("Default hugepage size: {}\n", size_with_bytes(d)),
         None => o += "Default hugepage size: none\n",
+    }
+    if let Some(e) = &s.thp.enabled {
+        o += &format!(
+            "Transparent hugepages: {e} (defrag {})\n",
+            s.thp.defrag.as_deref().unwrap_or("?")
+        );
     }
     o += "\n";
     if s.pools.is_empty() {

@@ -1,4 +1,16 @@
+//! vimg: qemu-img compatible disk image tool for raw and qcow2.
+
+mod check;
 mod cli;
+mod common;
+mod compare;
+mod convert;
+mod create;
+mod info;
+mod map;
+mod qjson;
+mod resize;
+mod snapshot;
 
 fn main() {
     std::process::exit(cli::main());

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use vcore::boot::Decompress;
-use vcore::cpuid::{CpuSpec, MODELS};
+use vcore::cpuid::{CpuModel, CpuSpec, MODELS};
 use vcore::vm::{pvm, Backing, SerialOut, Vm, VmConfig, VmExit};
 
 use crate::cli::{qemu_style, Cli, DecompressArg, Output};
@@ -79,6 +79,8 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         return Ok(0);
     }
     let cpu = CpuSpec::parse(&cpu).map_err(|e| Failure::Usage(format!("-cpu {cpu}: {e}")))?;
+    CpuModel::by_name(&cpu.model, "", "")
+        .map_err(|e| Failure::Usage(format!("-cpu {}: {e}", cpu.model)))?;
     if let Some(d) = &cli.display {
         if d != "none" {
             return Err(Failure::Usage(format!(

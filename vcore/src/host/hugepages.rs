@@ -459,6 +459,33 @@ pub fn compact_memory(root: &Path) -> Result<(), HugeError> {
     write_value(&compact_memory_path(root), 1)
 }
 
+/// Transparent hugepage settings (`enabled`, `defrag`) from
+/// `<root>/sys/kernel/mm/transparent_hugepage`: the bracketed choice, e.g.
+/// `madvise`. `None` when the kernel has no THP.
+pub fn thp_setting(root: &Path, name: &str) -> Option<String> {
+    let text =
+        fs::read_to_string(root.join("sys/kernel/mm/transparent_hugepage").join(name)).ok()?;
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_string())
+}
+
+/// Lock file that tests and tools take (flock, exclusive) while they change
+/// the host's hugepage pools, so that concurrent runs do not see each
+/// other's pages.
+pub const POOL_LOCK: &str = "/run/lock/vtools-hugepages.lock";
+
+/// Take the exclusive [`POOL_LOCK`] (blocks); released when the file drops.
+pub fn lock_pools() -> io::Result<nix::fcntl::Flock<fs::File>> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(POOL_LOCK)?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io::Error::from_raw_os_error(e as i32))
+}
+
 /// A hugetlbfs mount and its page size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HugetlbfsMount {
@@ -580,11 +607,57 @@ pub fn parse_maps(text: &str, mount_points: &[PathBuf]) -> Vec<(String, u64)> {
     out
 }
 
+/// Parse /proc/PID/smaps text: `memfd:` mappings backed by hugepages
+/// (`KernelPageSize` above 4 kB; transparent hugepages report 4 kB), as
+/// `(path, bytes)`. This finds `memfd_create(MFD_HUGETLB)` guest memory
+/// (QEMU `memory-backend-memfd,hugetlb=on`, vmrun memfd backing), which
+/// /proc/PID/maps alone cannot tell from ordinary memfds.
+pub fn parse_smaps_memfd_hugetlb(text: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut cur: Option<(String, u64)> = None;
+    for line in text.lines() {
+        let first = line.split(' ').next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                let path = line.splitn(6, ' ').nth(5).unwrap_or("").trim_start();
+                cur = path
+                    .starts_with("/memfd:")
+                    .then(|| (path.to_string(), b.saturating_sub(a)));
+                continue;
+            }
+        }
+        if let Some(kb) = line.strip_prefix("KernelPageSize:") {
+            let kb: u64 = kb
+                .split_ascii_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if let Some(c) = cur.take() {
+                if kb > 4 {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Processes under `<root>/proc` that map hugetlbfs files (from
-/// `/proc/PID/maps`), anonymous hugetlb memory, or hold open file
-/// descriptors on a hugetlbfs mount. Processes that vanish or cannot be
+/// `/proc/PID/maps`), anonymous hugetlb memory, hugetlb memfds (from
+/// `/proc/PID/smaps`, read only for processes with memfd mappings), or hold
+/// open file descriptors on a hugetlbfs mount. Processes that vanish or cannot be
 /// read are skipped.
 pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, HugeError> {
+    holders_and_denied(root, mounts).map(|(h, _)| h)
+}
+
+/// [`holders`], plus how many processes could not be inspected because
+/// their /proc/PID/maps was not readable (EACCES without root).
+pub fn holders_and_denied(
+    root: &Path,
+    mounts: &[HugetlbfsMount],
+) -> Result<(Vec<Holder>, usize), HugeError> {
+    let mut denied = 0;
     let proc_dir = root.join("proc");
     let rd = fs::read_dir(&proc_dir).map_err(|source| HugeError::Read {
         path: proc_dir.clone(),
@@ -599,10 +672,24 @@ pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, Hu
         let dir = entry.path();
         let mut files: BTreeMap<String, ()> = BTreeMap::new();
         let mut mapped = 0;
-        if let Ok(maps) = fs::read_to_string(dir.join("maps")) {
+        let maps = fs::read_to_string(dir.join("maps"));
+        if let Err(e) = &maps {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                denied += 1;
+            }
+        }
+        if let Ok(maps) = maps {
             for (path, bytes) in parse_maps(&maps, &points) {
                 mapped += bytes;
                 files.insert(path, ());
+            }
+            if maps.contains("/memfd:") {
+                if let Ok(smaps) = fs::read_to_string(dir.join("smaps")) {
+                    for (path, bytes) in parse_smaps_memfd_hugetlb(&smaps) {
+                        mapped += bytes;
+                        files.insert(path, ());
+                    }
+                }
             }
         }
         if !points.is_empty() {
@@ -635,7 +722,7 @@ pub fn holders(root: &Path, mounts: &[HugetlbfsMount]) -> Result<Vec<Holder>, Hu
         });
     }
     out.sort_by_key(|h| h.pid);
-    Ok(out)
+    Ok((out, denied))
 }
 
 /// Page size and free blocks of a hugetlbfs path, from statfs.
@@ -816,6 +903,27 @@ pub fn check_backing(path: &Path, bytes: u64) -> Result<BackingCheck, HugeError>
     }
 }
 
+/// The same check for hugetlb memory without a mount (`memfd_create` with
+/// `MFD_HUGETLB`, `MAP_HUGETLB`): `page_size` `None` means the default
+/// hugepage size. `what` names the backing in messages (e.g. `memfd`).
+pub fn check_hugetlb_memory(
+    what: &str,
+    page_size: Option<u64>,
+    bytes: u64,
+) -> Result<BackingCheck, HugeError> {
+    let root = Path::new("/");
+    let size = match page_size {
+        Some(s) => s,
+        None => default_size(root)?,
+    };
+    let check = check_pool(root, Path::new(what), size, bytes, None)?;
+    if check.fits() {
+        Ok(check)
+    } else {
+        Err(HugeError::Shortfall(Box::new(check)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -902,6 +1010,22 @@ mod tests {
             check_node(root, 1),
             Err(HugeError::NoSuchNode { node: 1, .. })
         ));
+    }
+
+    #[test]
+    fn thp_settings() {
+        let t = fixture(&[(M2, 0, 0, 0, 0, 0)], 2048);
+        assert_eq!(thp_setting(t.path(), "enabled"), None);
+        let d = t.path().join("sys/kernel/mm/transparent_hugepage");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("enabled"), "always [madvise] never\n").unwrap();
+        fs::write(
+            d.join("defrag"),
+            "always defer defer+madvise [madvise] never\n",
+        )
+        .unwrap();
+        assert_eq!(thp_setting(t.path(), "enabled").as_deref(), Some("madvise"));
+        assert_eq!(thp_setting(t.path(), "defrag").as_deref(), Some("madvise"));
     }
 
     #[test]
@@ -1004,6 +1128,25 @@ mod tests {
     }
 
     #[test]
+    fn smaps_finds_hugetlb_memfd() {
+        let smaps = "\
+7f0000000000-7f0040000000 rw-s 00000000 00:01 12 /memfd:guest-ram (deleted)
+Size:            1048576 kB
+KernelPageSize:     2048 kB
+MMUPageSize:        2048 kB
+7f1000000000-7f1000400000 rw-s 00000000 00:01 13 /memfd:other (deleted)
+Size:               4096 kB
+KernelPageSize:        4 kB
+7f2000000000-7f2000200000 rw-p 00000000 00:00 0
+KernelPageSize:     2048 kB
+";
+        assert_eq!(
+            parse_smaps_memfd_hugetlb(smaps),
+            vec![("/memfd:guest-ram (deleted)".to_string(), 1 << 30)]
+        );
+    }
+
+    #[test]
     fn backing_check_numbers_and_fix() {
         let t = fixture(&[(M2, 120, 120, 20, 0, 0)], 2048);
         let c = check_pool(t.path(), Path::new("/dev/hugepages"), M2, G1, None).unwrap();
@@ -1043,6 +1186,26 @@ mod tests {
         assert!(c.fits());
         assert!(!c.fits_persistent());
         assert!(c.to_string().contains("overcommit"), "{c}");
+    }
+
+    #[test]
+    fn check_hugetlb_memory_on_this_host() {
+        // Read-only: 1 byte of hugetlb memory fits exactly when the default
+        // pool has a page available (or overcommit room).
+        let Ok(p) = pool(Path::new("/"), default_size(Path::new("/")).unwrap_or(M2)) else {
+            eprintln!("skipping: no hugepages on this host");
+            return;
+        };
+        let r = check_hugetlb_memory("memfd", None, 1);
+        assert_eq!(
+            r.is_ok(),
+            p.available() + p.overcommit_headroom() >= 1,
+            "{r:?}"
+        );
+        if let Err(e) = r {
+            assert!(e.to_string().contains("on memfd"), "{e}");
+        }
+        assert!(check_hugetlb_memory("memfd", Some(3 << 20), 1).is_err());
     }
 
     #[test]

@@ -213,6 +213,12 @@ fn check_l2(
         } else {
             0
         };
+        if e & OFLAG_COMPRESSED == 0 && e & 0x3f00_0000_0000_01fe != 0 {
+            log(&format!(
+                "ERROR found l2 entry with reserved bits set: {e:x}"
+            ));
+            res.corruptions += 1;
+        }
         if e & OFLAG_COMPRESSED != 0 {
             if e & OFLAG_COPIED != 0 {
                 let (co, _) = meta::compressed_extent(h, e);
@@ -305,6 +311,12 @@ fn check_l1(
         let l2 = e & OFFSET_MASK;
         if l2 == 0 {
             continue;
+        }
+        if e & 0x7f00_0000_0000_01ff != 0 {
+            log(&format!(
+                "ERROR found L1 entry with reserved bits set: {e:x}"
+            ));
+            res.corruptions += 1;
         }
         inc(ctx, res, t, l2, ctx.cs(), log);
         if l2 & (ctx.cs() - 1) != 0 {
@@ -465,7 +477,14 @@ fn compare(
 fn check_copied(ctx: &mut Ctx, res: &mut CheckResult, fix: Fix, log: Log) -> Result<(), String> {
     let h = ctx.h.clone();
     let cs = ctx.cs();
-    let repair = fix.errors;
+    // QEMU: -r all repairs; -r leaks repairs only when nothing else is wrong.
+    let repair = if fix.errors {
+        true
+    } else if fix.leaks {
+        res.check_errors == 0 && res.corruptions == 0 && res.leaks == 0
+    } else {
+        false
+    };
     let mut l1 = be64s(
         &read_zero_padded(ctx.f, h.l1_table_offset, h.l1_size as u64 * 8)
             .map_err(|e| e.to_string())?,
@@ -604,10 +623,11 @@ fn rebuild_structure(ctx: &mut Ctx, t: &mut Imrt) -> Result<(), String> {
     let mut nh = Header::read(ctx.f)?;
     nh.refcount_table_offset = rt_off;
     nh.refcount_table_clusters = n_rt as u32;
+    nh.refcount_order = h.refcount_order;
     let hb = nh.serialize()?;
-    ctx.f
-        .write_all_at(&hb[..72], 0)
-        .map_err(|e| e.to_string())?;
+    // One write (within the first sector) switches table and width at once.
+    let n = if nh.version >= 3 { 104 } else { 72 };
+    ctx.f.write_all_at(&hb[..n], 0).map_err(|e| e.to_string())?;
     ctx.f.sync_data().map_err(|e| e.to_string())?;
     ctx.h = nh;
     ctx.file_len = ctx.f.metadata().map_err(|e| e.to_string())?.len();
@@ -730,4 +750,61 @@ pub fn check(f: &File, fix: Fix, log: Log) -> Result<CheckResult, String> {
         f.sync_data().map_err(|e| e.to_string())?;
     }
     Ok(res)
+}
+
+/// QEMU's `qcow2_detect_metadata_preallocation`: true when many more
+/// clusters are referenced than the file has allocated (then QEMU asks the
+/// file system which data clusters are holes when reporting block status).
+pub fn detect_metadata_preallocation(f: &File) -> Result<bool, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut ctx = load(f)?;
+    let md = f.metadata().map_err(|e| e.to_string())?;
+    let cs = ctx.cs();
+    let real_clusters = md.blocks() * 512 / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end = md.len().div_ceil(cs);
+    let mut count = 0;
+    let mut i = 0;
+    while i < end && count < threshold {
+        if ctx.get_refcount(i)? != 0 {
+            count += 1;
+        }
+        i += 1;
+    }
+    Ok(count >= threshold)
+}
+
+/// Rewrite the refcount structures with a new width (2^order bits), as
+/// `amend -o refcount_bits=N` does. The image must be consistent.
+pub fn change_refcount_order(f: &File, order: u32) -> Result<(), String> {
+    let mut ctx = load(f)?;
+    if ctx.h.version < 3 {
+        return Err("refcount widths other than 16 bits need compat=1.1".into());
+    }
+    let mut res = CheckResult::default();
+    let mut t = new_imrt(&ctx);
+    calculate(&ctx, &mut res, &mut t, &mut |_| {})?;
+    if res.corruptions != 0 || res.check_errors != 0 {
+        return Err("the image is corrupt; repair it with 'vimg check -r all' first".into());
+    }
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u64 << order)) - 1
+    };
+    if t.v.iter().any(|&r| r > max) {
+        return Err("Cannot decrease refcount entry width: some refcounts are too large".into());
+    }
+    ctx.h.refcount_order = order;
+    t.rbe = ctx.h.refblock_entries();
+    t.max = max;
+    // New structures carry the new width; the header switch below makes
+    // them live (order first would misread the old blocks).
+    rebuild_structure(&mut ctx, &mut t)?;
+    // Old structures are now leaked: free them.
+    let r = check(f, Fix::LEAKS, &mut |_| {})?;
+    if r.corruptions != 0 {
+        return Err("refcount width change left the image inconsistent".into());
+    }
+    Ok(())
 }

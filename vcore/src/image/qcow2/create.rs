@@ -109,7 +109,7 @@ pub fn validate(o: &CreateOptions) -> Result<(), String> {
     }
     if !o.v3 && o.refcount_bits != 16 {
         return Err(
-            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"
                 .into(),
         );
     }
@@ -161,7 +161,8 @@ fn base_header(o: &CreateOptions) -> Header {
         refcount_table_clusters: 1,
         refcount_order: o.refcount_bits.trailing_zeros(),
         header_length: if o.v3 { 112 } else { 72 },
-        has_feature_table: o.v3,
+        // QEMU writes the feature name table only with clusters of 8 KiB or more.
+        has_feature_table: o.v3 && cs >= 8192,
         backing_file: o.backing_file.clone(),
         backing_format: o.backing_format.clone(),
         ..Default::default()
@@ -302,6 +303,24 @@ pub fn create_in(file: &File, o: &CreateOptions) -> Result<(), String> {
         a.flush().map_err(|e| e.to_string())?;
     }
     let mut fin = Header::read(file)?;
+    // imago sizes the L1 table generously; QEMU uses exactly what the size
+    // needs and writes only those entries. Shrink it and give the unused,
+    // all-zero tail of the cluster back to the file system.
+    let need = fin.l1_entries_for(o.size);
+    if (fin.l1_size as u64) > need {
+        let used_end = fin.l1_table_offset + need * 8;
+        let tbl_end = fin.l1_table_offset + (fin.l1_size as u64 * 8).next_multiple_of(cs);
+        fin.l1_size = need as u32;
+        let start = used_end.next_multiple_of(4096);
+        if tbl_end > start {
+            let _ = crate::image::raw::fallocate(
+                file,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start,
+                tbl_end - start,
+            );
+        }
+    }
     fin.compatible = h.compatible;
     fin.incompatible = h.incompatible;
     fin.compression_type = h.compression_type;

@@ -417,6 +417,17 @@ impl Header {
     /// it. Returns the bytes for the start of cluster 0. Fails when it does
     /// not fit in one cluster.
     pub fn serialize(&self) -> Result<Vec<u8>, String> {
+        match self.serialize_inner() {
+            Err(_) if self.has_feature_table => {
+                let mut h = self.clone();
+                h.has_feature_table = false;
+                h.serialize_inner()
+            }
+            r => r,
+        }
+    }
+
+    fn serialize_inner(&self) -> Result<Vec<u8>, String> {
         let cs = self.cluster_size() as usize;
         let mut b = vec![0u8; 72];
         b[0..4].copy_from_slice(&crate::image::QCOW2_MAGIC);

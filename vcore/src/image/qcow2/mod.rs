@@ -3,7 +3,11 @@
 
 pub mod check;
 pub mod create;
+pub mod map;
 pub mod meta;
+pub mod resize;
+pub mod snapshot;
+pub mod writer;
 
 use super::{check_range, Allocation, BlockDevice, Error, Format, OpenOptions, Result};
 use imago::format::PreallocateMode;

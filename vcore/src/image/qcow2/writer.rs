@@ -1,0 +1,237 @@
+//! Sequential writer for a freshly created qcow2 image (what `convert`
+//! produces): data clusters are appended (compressed ones packed byte by
+//! byte, zlib raw deflate or zstd), L2 tables are kept in memory, and
+//! `finish` appends the L2 tables and new refcount structures, switches the
+//! header to them, and fills the L1 table last. Until then the image reads as
+//! empty and everything appended is merely leaked, so a crash never leaves a
+//! corrupt image. Supports v2/v3, zstd and extended L2 targets.
+
+use super::meta::{self, Header, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::image::raw::pread_full;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+/// Appending writer (see module docs).
+pub struct SeqWriter {
+    f: File,
+    h: Header,
+    /// L2 tables by L1 index (entries: (descriptor, bitmap)).
+    l2: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Next free byte at the end of the file.
+    end: u64,
+    /// Host refcounts by cluster index.
+    refs: Vec<u64>,
+}
+
+fn io(e: std::io::Error) -> String {
+    e.to_string()
+}
+
+/// Compress one cluster like QEMU (zlib: raw deflate, window 2^12 not
+/// required for reading; zstd: one frame). `None` when it does not shrink.
+pub fn compress(ctype: u8, data: &[u8]) -> Option<Vec<u8>> {
+    let out = if ctype == 1 {
+        zstd::bulk::compress(data, 0).ok()?
+    } else {
+        let mut e = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(data.len() / 2),
+            flate2::Compression::default(),
+        );
+        e.write_all(data).ok()?;
+        e.finish().ok()?
+    };
+    (out.len() < data.len().saturating_sub(512).max(1)).then_some(out)
+}
+
+impl SeqWriter {
+    /// Start writing into a fresh image (empty L1, no snapshots).
+    pub fn new(f: File) -> Result<SeqWriter, String> {
+        let h = Header::read(&f)?;
+        if h.nb_snapshots != 0 {
+            return Err("the target image has snapshots".into());
+        }
+        let len = f.metadata().map_err(io)?.len();
+        let cs = h.cluster_size();
+        let mut refs = vec![0u64; len.div_ceil(cs) as usize];
+        refs[0] = 1;
+        let l1_first = h.l1_table_offset / cs;
+        let l1_n = (h.l1_size as u64 * 8).div_ceil(cs);
+        for c in l1_first..l1_first + l1_n {
+            if let Some(r) = refs.get_mut(c as usize) {
+                *r = 1;
+            }
+        }
+        Ok(SeqWriter {
+            end: len.next_multiple_of(cs),
+            f,
+            h,
+            l2: BTreeMap::new(),
+            refs,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.h
+    }
+
+    fn inc(&mut self, off: u64, len: u64) {
+        let cs = self.h.cluster_size();
+        let first = off / cs;
+        let last = (off + len - 1) / cs;
+        for c in first..=last {
+            if self.refs.len() <= c as usize {
+                self.refs.resize(c as usize + 1, 0);
+            }
+            self.refs[c as usize] += 1;
+        }
+    }
+
+    fn set_l2(&mut self, guest_cluster: u64, desc: u64, bitmap: u64) -> Result<(), String> {
+        let n = self.h.l2_entries();
+        let l1i = guest_cluster / n;
+        if l1i >= self.h.l1_size as u64 {
+            return Err("write beyond the end of the image".into());
+        }
+        let t = self
+            .l2
+            .entry(l1i)
+            .or_insert_with(|| vec![(0, 0); n as usize]);
+        t[(guest_cluster % n) as usize] = (desc, bitmap);
+        Ok(())
+    }
+
+    /// Store a whole cluster uncompressed (`data.len()` ≤ cluster size;
+    /// shorter data is zero padded).
+    pub fn write_cluster(&mut self, guest_cluster: u64, data: &[u8]) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        let off = self.end.next_multiple_of(cs);
+        if data.len() as u64 == cs {
+            self.f.write_all_at(data, off).map_err(io)?;
+        } else {
+            let mut b = vec![0u8; cs as usize];
+            b[..data.len()].copy_from_slice(data);
+            self.f.write_all_at(&b, off).map_err(io)?;
+        }
+        self.end = off + cs;
+        self.inc(off, cs);
+        let bitmap = if self.h.extended_l2() { 0xffff_ffff } else { 0 };
+        self.set_l2(guest_cluster, off | OFLAG_COPIED, bitmap)
+    }
+
+    /// Store a compressed cluster (output of [`compress`]).
+    pub fn write_compressed(&mut self, guest_cluster: u64, comp: &[u8]) -> Result<(), String> {
+        let h = &self.h;
+        let csize_shift = 62 - (h.cluster_bits - 8);
+        let off = self.end;
+        let len = comp.len() as u64;
+        let nb_csectors = ((off + len - 1) >> 9) - (off >> 9);
+        if nb_csectors >= (1u64 << (h.cluster_bits - 8)) || off >= (1u64 << csize_shift) {
+            return Err("compressed cluster does not fit".into());
+        }
+        self.f.write_all_at(comp, off).map_err(io)?;
+        self.end = off + len;
+        let (co, csz) = meta::compressed_extent(h, off | (nb_csectors << csize_shift));
+        self.inc(co, csz);
+        self.set_l2(
+            guest_cluster,
+            off | (nb_csectors << csize_shift) | OFLAG_COMPRESSED,
+            0,
+        )
+    }
+
+    /// Write the metadata and make the data visible.
+    pub fn finish(mut self) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        // Pad the file so that sector-rounded compressed extents stay inside.
+        let data_end = self.end.next_multiple_of(512);
+        let mut pos = self.end.next_multiple_of(cs);
+        if data_end > self.end {
+            let pad = vec![0u8; (data_end - self.end) as usize];
+            self.f.write_all_at(&pad, self.end).map_err(io)?;
+        }
+        // L2 tables.
+        let esz = self.h.l2_entry_size() as usize;
+        let mut l1 = vec![0u64; self.h.l1_size as usize];
+        let tables: Vec<(u64, Vec<(u64, u64)>)> =
+            std::mem::take(&mut self.l2).into_iter().collect();
+        for (l1i, t) in tables {
+            let mut b = vec![0u8; cs as usize];
+            for (i, (d, bm)) in t.iter().enumerate() {
+                b[i * esz..i * esz + 8].copy_from_slice(&d.to_be_bytes());
+                if esz == 16 {
+                    b[i * esz + 8..i * esz + 16].copy_from_slice(&bm.to_be_bytes());
+                }
+            }
+            self.f.write_all_at(&b, pos).map_err(io)?;
+            self.inc(pos, cs);
+            l1[l1i as usize] = pos | OFLAG_COPIED;
+            pos += cs;
+        }
+        // New refcount structures after everything else.
+        let rbe = self.h.refblock_entries();
+        let start = pos / cs;
+        let mut n_rb = (start.div_ceil(rbe)).max(1);
+        let mut n_rt;
+        loop {
+            n_rt = (n_rb * 8).div_ceil(cs).max(1);
+            let need = (start + n_rb + n_rt).div_ceil(rbe);
+            if need <= n_rb {
+                break;
+            }
+            n_rb = need;
+        }
+        for c in start..start + n_rb + n_rt {
+            if self.refs.len() <= c as usize {
+                self.refs.resize(c as usize + 1, 0);
+            }
+            self.refs[c as usize] = 1;
+        }
+        // The creation-time refcount table and block (clusters 1 and 2 in
+        // QEMU's layout) are no longer used: refcount 0.
+        let mut reftable = vec![0u64; (n_rt * cs / 8) as usize];
+        for i in 0..n_rb {
+            let mut b = vec![0u8; cs as usize];
+            for j in 0..rbe {
+                if let Some(&r) = self.refs.get((i * rbe + j) as usize) {
+                    if r > self.h.refcount_max() {
+                        return Err("refcount overflow".into());
+                    }
+                    if r != 0 {
+                        meta::refblock_set(&mut b, self.h.refcount_order, j, r);
+                    }
+                }
+            }
+            let off = (start + i) * cs;
+            self.f.write_all_at(&b, off).map_err(io)?;
+            reftable[i as usize] = off;
+        }
+        let rt_off = (start + n_rb) * cs;
+        meta::write_table(&self.f, rt_off, &reftable).map_err(io)?;
+        self.f.sync_data().map_err(io)?;
+        let mut fields = Vec::with_capacity(12);
+        fields.extend_from_slice(&rt_off.to_be_bytes());
+        fields.extend_from_slice(&(n_rt as u32).to_be_bytes());
+        self.f.write_all_at(&fields, 48).map_err(io)?;
+        self.f.sync_data().map_err(io)?;
+        if !l1.is_empty() {
+            meta::write_table(&self.f, self.h.l1_table_offset, &l1).map_err(io)?;
+        }
+        self.f.sync_data().map_err(io)?;
+        Ok(())
+    }
+}
+
+/// Whether an image is a fresh one [`SeqWriter`] may fill: no snapshots
+/// and an all-zero L1 table.
+pub fn is_fresh(f: &File) -> Result<bool, String> {
+    let h = Header::read(f)?;
+    if h.nb_snapshots != 0 {
+        return Ok(false);
+    }
+    let mut b = vec![0u8; h.l1_size as usize * 8];
+    pread_full(f, &mut b, h.l1_table_offset).map_err(io)?;
+    Ok(b.iter().all(|&x| x == 0))
+}

@@ -1,0 +1,372 @@
+//! `vimg convert`: copy an image (or a concatenation of images) to a new
+//! raw or qcow2 image, flattening backing chains (`-B` keeps one), sparse by
+//! default (`-S`), with progress (`-p`).
+
+use crate::common::{fail, parse_opts, R};
+use crate::map::{open_chain, read_chain, Layer};
+use std::io::Write;
+use std::path::Path;
+use vcore::image::qcow2::Qcow2Device;
+use vcore::image::raw::RawDevice;
+use vcore::image::{self, BlockDevice, Format, OpenOptions};
+
+/// Arguments of `convert`.
+pub struct ConvertArgs {
+    pub fmt: Option<String>,
+    pub out_fmt: Option<String>,
+    pub opts: Vec<String>,
+    pub progress: bool,
+    pub compress: bool,
+    pub backing: Option<String>,
+    pub backing_fmt: Option<String>,
+    pub sparse: Option<String>,
+    pub no_create: bool,
+    pub force_share: bool,
+    pub files: Vec<String>,
+}
+
+const CHUNK: u64 = 2 << 20;
+
+fn progress(p: f64) {
+    print!("    ({p:.2}/100%)\r");
+    let _ = std::io::stdout().flush();
+}
+
+/// Run `convert`.
+pub fn run(a: ConvertArgs) -> R<()> {
+    if a.files.len() < 2 {
+        return Err(fail("Expecting one image file name"));
+    }
+    let (srcs, dst) = a.files.split_at(a.files.len() - 1);
+    let dst = &dst[0];
+    let in_fmt = match a.fmt.as_deref() {
+        None => None,
+        Some(s) => {
+            Some(Format::from_name(s).ok_or_else(|| fail(format!("Unknown file format '{s}'")))?)
+        }
+    };
+    let out_fmt_name = a.out_fmt.clone().unwrap_or_else(|| "raw".into());
+    let out_fmt = Format::from_name(&out_fmt_name)
+        .ok_or_else(|| fail(format!("Unknown file format '{out_fmt_name}'")))?;
+    let sparse = match a.sparse.as_deref() {
+        None => 4096u64,
+        Some(s) => {
+            let v = vcore::units::parse_size(s, vcore::units::Suffix::B)
+                .map_err(|_| fail(format!("Invalid buffer size for sparse output specified")))?;
+            if v != 0 && (v % 512 != 0 || v > CHUNK) {
+                return Err(fail("Invalid buffer size for sparse output specified"));
+            }
+            v
+        }
+    };
+    if a.compress && out_fmt != Format::Qcow2 {
+        return Err(fail("Compression not supported for this file format"));
+    }
+    if a.backing.is_some() && a.backing_fmt.is_none() && !a.no_create {
+        return Err(fail(format!(
+            "{dst}: Backing file specified without backing format"
+        )));
+    }
+    let mut sources: Vec<Vec<Layer>> = Vec::new();
+    for s in srcs {
+        sources.push(open_chain(s, in_fmt, a.force_share)?);
+    }
+    let total: u64 = sources.iter().map(|l| l[0].size()).sum();
+    // Target.
+    if !a.no_create {
+        let mut opts: Vec<String> = a.opts.clone();
+        // Refuse unknown keys early with create's messages.
+        let parsed = parse_opts(&a.opts.join(","));
+        if parsed.iter().any(|(k, _)| k == "size") {
+            opts.retain(|_| true);
+        }
+        crate::create::run(crate::create::CreateArgs {
+            fmt: Some(out_fmt_name.clone()),
+            opts,
+            backing: a.backing.clone(),
+            backing_fmt: a.backing_fmt.clone(),
+            unsafe_backing: false,
+            quiet: true,
+            file: dst.clone(),
+            size: Some(total.to_string()),
+        })?;
+    }
+    if out_fmt == Format::Qcow2 && !a.no_create {
+        return convert_seq(&a, &mut sources, dst, total, sparse);
+    }
+    if a.compress {
+        return Err(fail(
+            "Compressed output (-c) needs a new qcow2 target (not -n)",
+        ));
+    }
+    let oopts = OpenOptions {
+        format: Some(out_fmt),
+        read_only: false,
+        ..Default::default()
+    };
+    let tfile = image::open_file(Path::new(dst), &oopts)
+        .map_err(|e| fail(crate::common::open_error_text(&e)))?;
+    let target: Box<dyn BlockDevice> = match out_fmt {
+        Format::Raw => Box::new(
+            RawDevice::from_file(tfile, false)
+                .map_err(|e| fail(crate::common::open_error_text(&e)))?,
+        ),
+        Format::Qcow2 => Box::new(
+            Qcow2Device::open_file(Path::new(dst), tfile, &oopts, 0)
+                .map_err(|e| fail(crate::common::open_error_text(&e)))?,
+        ),
+    };
+    if a.no_create && target.size() < total {
+        return Err(fail(format!("Target image ({dst}) is too small")));
+    }
+    // With -B, blocks equal to the backing file's are not copied.
+    let mut backing: Option<Vec<Layer>> = match &a.backing {
+        Some(b) => {
+            let bp = image::resolve_backing(Path::new(dst), b)
+                .display()
+                .to_string();
+            let bf = a.backing_fmt.as_deref().and_then(Format::from_name);
+            Some(open_chain(&bp, bf, true)?)
+        }
+        None => None,
+    };
+    let fresh = !a.no_create;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut bbuf = vec![0u8; CHUNK as usize];
+    let mut base = 0u64;
+    let mut last_pct = -1i64;
+    if a.progress {
+        progress(0.0);
+    }
+    for src in sources.iter_mut() {
+        let size = src[0].size();
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(CHUNK) as usize;
+            read_chain(src, off, &mut buf[..n]).map_err(|e| {
+                fail(format!(
+                    "error while reading at byte {}: {}",
+                    off,
+                    e.msg.unwrap_or_default()
+                ))
+            })?;
+            let have_backing = if let Some(bl) = backing.as_mut() {
+                let bsize = bl[0].size();
+                let bn = if base + off < bsize {
+                    ((bsize - base - off) as usize).min(n)
+                } else {
+                    0
+                };
+                bbuf[..n].fill(0);
+                if bn > 0 {
+                    read_chain(bl, base + off, &mut bbuf[..bn])?;
+                }
+                true
+            } else {
+                false
+            };
+            // Walk blocks of `sparse` bytes (or the whole chunk with -S 0).
+            let blk = if sparse == 0 { n } else { sparse as usize };
+            let mut i = 0usize;
+            while i < n {
+                // Gather a run of blocks that must be written.
+                let skip = |i: usize| -> bool {
+                    let e = (i + blk).min(n);
+                    if have_backing {
+                        buf[i..e] == bbuf[i..e]
+                    } else {
+                        sparse != 0 && fresh && buf[i..e].iter().all(|&b| b == 0)
+                    }
+                };
+                if skip(i) {
+                    i += blk;
+                    continue;
+                }
+                let start = i;
+                while i < n && !skip(i) {
+                    i += blk;
+                }
+                let end = i.min(n);
+                let at = base + off + start as u64;
+                if !fresh && !have_backing && buf[start..end].iter().all(|&b| b == 0) {
+                    target
+                        .write_zeroes(at, (end - start) as u64)
+                        .map_err(|e| fail(format!("error while writing at byte {at}: {e}")))?;
+                } else {
+                    target
+                        .write_at(&buf[start..end], at)
+                        .map_err(|e| fail(format!("error while writing at byte {at}: {e}")))?;
+                }
+            }
+            off += n as u64;
+            if a.progress && total > 0 {
+                let pct = ((base + off) * 100 / total) as i64;
+                if pct != last_pct {
+                    last_pct = pct;
+                    progress((base + off) as f64 * 100.0 / total as f64);
+                }
+            }
+        }
+        base += size;
+    }
+    target
+        .flush()
+        .map_err(|e| fail(format!("error while flushing {dst}: {e}")))?;
+    if a.progress {
+        println!("    (100.00/100%)");
+    }
+    Ok(())
+}
+
+/// Convert into a freshly created qcow2 image with the sequential writer:
+/// a reader thread fills chunks while this thread compresses (in parallel
+/// with -c) and appends.
+fn convert_seq(
+    a: &ConvertArgs,
+    sources: &mut [Vec<Layer>],
+    dst: &str,
+    total: u64,
+    sparse: u64,
+) -> R<()> {
+    use vcore::image::qcow2::writer::{compress, SeqWriter};
+    let oopts = OpenOptions {
+        format: Some(Format::Qcow2),
+        read_only: false,
+        ..Default::default()
+    };
+    let tfile = image::open_file(Path::new(dst), &oopts)
+        .map_err(|e| fail(crate::common::open_error_text(&e)))?;
+    let mut w = SeqWriter::new(tfile).map_err(|m| fail(format!("{dst}: {m}")))?;
+    let cs = w.header().cluster_size();
+    let ctype = w.header().compression_type;
+    let chunk = (8u64 << 20).max(cs);
+    let mut backing: Option<Vec<Layer>> = match &a.backing {
+        Some(b) => {
+            let bp = image::resolve_backing(Path::new(dst), b)
+                .display()
+                .to_string();
+            let bf = a.backing_fmt.as_deref().and_then(Format::from_name);
+            Some(open_chain(&bp, bf, true)?)
+        }
+        None => None,
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    if a.progress {
+        progress(0.0);
+    }
+    let mut last_pct = -1i64;
+    // Reader thread: (guest offset, data, backing data).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<R<(u64, Vec<u8>, Option<Vec<u8>>)>>(2);
+    std::thread::scope(|sc| -> R<()> {
+        let backing = &mut backing;
+        sc.spawn(move || {
+            let mut base = 0u64;
+            for src in sources.iter_mut() {
+                let size = src[0].size();
+                let mut off = 0u64;
+                while off < size {
+                    let n = (size - off).min(chunk) as usize;
+                    let mut buf = vec![0u8; n.next_multiple_of(cs as usize)];
+                    if let Err(e) = read_chain(src, off, &mut buf[..n]) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    let bb = match backing.as_mut() {
+                        Some(bl) => {
+                            let bsize = bl[0].size();
+                            let mut bb = vec![0u8; buf.len()];
+                            let g = base + off;
+                            if g < bsize {
+                                let bn = ((bsize - g) as usize).min(n);
+                                if let Err(e) = read_chain(bl, g, &mut bb[..bn]) {
+                                    let _ = tx.send(Err(e));
+                                    return;
+                                }
+                            }
+                            Some(bb)
+                        }
+                        None => None,
+                    };
+                    if tx.send(Ok((base + off, buf, bb))).is_err() {
+                        return;
+                    }
+                    off += n as u64;
+                }
+                base += size;
+            }
+        });
+        for item in rx {
+            let (goff, buf, bb) = item?;
+            let first_cluster = goff / cs;
+            let clusters: Vec<&[u8]> = buf.chunks(cs as usize).collect();
+            let keep: Vec<bool> = clusters
+                .iter()
+                .enumerate()
+                .map(|(i, c)| match &bb {
+                    Some(b) => {
+                        let s = i * cs as usize;
+                        **c != b[s..s + c.len()]
+                    }
+                    None => sparse == 0 || c.iter().any(|&x| x != 0),
+                })
+                .collect();
+            let comp: Vec<Option<Vec<u8>>> = if a.compress {
+                let per = clusters.len().div_ceil(threads);
+                let mut out = vec![None; clusters.len()];
+                std::thread::scope(|s2| {
+                    let hs: Vec<_> = clusters
+                        .chunks(per.max(1))
+                        .zip(keep.chunks(per.max(1)))
+                        .map(|(cl, kp)| {
+                            s2.spawn(move || {
+                                cl.iter()
+                                    .zip(kp)
+                                    .map(|(c, k)| if *k { compress(ctype, c) } else { None })
+                                    .collect::<Vec<_>>()
+                            })
+                        })
+                        .collect();
+                    let mut i = 0;
+                    for h in hs {
+                        for r in h.join().unwrap_or_default() {
+                            out[i] = r;
+                            i += 1;
+                        }
+                    }
+                });
+                out
+            } else {
+                vec![None; clusters.len()]
+            };
+            for (i, c) in clusters.iter().enumerate() {
+                if !keep[i] {
+                    continue;
+                }
+                let gc = first_cluster + i as u64;
+                let r = match &comp[i] {
+                    Some(z) => w.write_compressed(gc, z),
+                    None => w.write_cluster(gc, c),
+                };
+                r.map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+            }
+            if a.progress && total > 0 {
+                let done = (goff + buf.len() as u64).min(total);
+                let pct = (done * 100 / total) as i64;
+                if pct != last_pct {
+                    last_pct = pct;
+                    progress(done as f64 * 100.0 / total as f64);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    w.finish()
+        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+    if a.progress {
+        println!("    (100.00/100%)");
+    }
+    Ok(())
+}
