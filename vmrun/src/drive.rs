@@ -155,7 +155,14 @@ pub fn open(d: &Drive, id: String, snapshot: bool) -> Result<Opened, String> {
         ..Default::default()
     };
     let disk: Box<dyn BlockDevice> = if snapshot {
+        // The overlay and its backing use the page cache (see docs/disks.md).
+        let oo = OpenOptions {
+            cache_direct: false,
+            ..oo.clone()
+        };
         open_overlay(&d.file, format, &oo).map_err(|e| format!("{opt}: {e}"))?
+    } else if d.cache.direct() {
+        image::direct::open_direct(&d.file, &oo).map_err(|e| format!("{opt}: {e}"))?
     } else {
         image::open(&d.file, &oo).map_err(|e| format!("{opt}: {e}"))?
     };
