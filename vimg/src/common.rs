@@ -1,9 +1,8 @@
 //! Shared helpers: failures with exit codes, opening images with
 //! qemu-img's messages, `-o` option lists, sizes.
 
-use std::path::Path;
 use vcore::image::qcow2::os_msg;
-use vcore::image::{self, BlockDevice, Error, Format, OpenOptions};
+use vcore::image::Error;
 
 /// A command failure: message for stderr (prefixed `vimg: `) and exit code.
 #[derive(Debug)]
@@ -44,49 +43,6 @@ pub fn open_error_text(e: &Error) -> String {
         }
         other => other.to_string(),
     }
-}
-
-/// Parse `-f`: only raw and qcow2.
-pub fn parse_format(f: Option<&str>) -> R<Option<Format>> {
-    match f {
-        None => Ok(None),
-        Some(s) => match Format::from_name(s) {
-            Some(f) => Ok(Some(f)),
-            None => Err(fail(format!("Unknown file format '{s}'"))),
-        },
-    }
-}
-
-/// Open an image for a command.
-pub fn open(
-    path: &str,
-    fmt: Option<&str>,
-    read_only: bool,
-    force_share: bool,
-) -> R<Box<dyn BlockDevice>> {
-    let format = match fmt {
-        None => None,
-        Some(s) => match Format::from_name(s) {
-            Some(f) => Some(f),
-            None => {
-                return Err(fail(format!(
-                    "Could not open '{path}': Unknown driver '{s}'"
-                )))
-            }
-        },
-    };
-    if force_share && !read_only {
-        return Err(fail(
-            "force-share=on can only be used with read-only images",
-        ));
-    }
-    let opts = OpenOptions {
-        format,
-        read_only,
-        force_share,
-        ..Default::default()
-    };
-    image::open(Path::new(path), &opts).map_err(|e| fail(open_error_text(&e)))
 }
 
 /// Parse a QEMU option string `a=b,c=d` (`,,` is a literal comma).

@@ -52,7 +52,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
         None => 4096u64,
         Some(s) => {
             let v = vcore::units::parse_size(s, vcore::units::Suffix::B)
-                .map_err(|_| fail(format!("Invalid buffer size for sparse output specified")))?;
+                .map_err(|_| fail("Invalid buffer size for sparse output specified".to_string()))?;
             if v != 0 && (v % 512 != 0 || v > CHUNK) {
                 return Err(fail("Invalid buffer size for sparse output specified"));
             }

@@ -169,6 +169,27 @@ pub fn run(a: CreateArgs) -> R<()> {
     let Some(size) = size else {
         return Err(with_file(&a.file, "Image creation needs a size parameter"));
     };
+    // Typed options (bool, number, size) are checked before the
+    // `Formatting` line, like QemuOpts does.
+    for key in ["lazy_refcounts", "extended_l2", "data_file_raw", "nocow"] {
+        if let Some(v) = get(&opts, key) {
+            parse_bool(key, &v).map_err(|m| with_file(&a.file, m))?;
+        }
+    }
+    if let Some(v) = get(&opts, "refcount_bits") {
+        if v.parse::<u64>().is_err() {
+            return Err(with_file(
+                &a.file,
+                "Parameter 'refcount_bits' expects a number".to_string(),
+            ));
+        }
+    }
+    for key in ["cluster_size", "extent_size_hint"] {
+        if let Some(v) = get(&opts, key) {
+            vcore::units::parse_size(&v, vcore::units::Suffix::B)
+                .map_err(|e| with_file(&a.file, e.qemu_option_message(key)))?;
+        }
+    }
     // Formatting line.
     if !a.quiet {
         let mut line = format!("Formatting '{}', fmt={}", a.file, fmt.name());
@@ -254,7 +275,7 @@ pub fn run(a: CreateArgs) -> R<()> {
                 o.refcount_bits = v.parse().map_err(|_| {
                     with_file(
                         &a.file,
-                        format!("Parameter 'refcount_bits' expects a number"),
+                        "Parameter 'refcount_bits' expects a number".to_string(),
                     )
                 })?;
             }
@@ -271,6 +292,12 @@ pub fn run(a: CreateArgs) -> R<()> {
 
 fn create_raw(file: &str, size: u64, prealloc: Prealloc) -> R<()> {
     if prealloc == Prealloc::Metadata {
+        // QEMU's file driver creates the file before it rejects the mode.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(file);
         return Err(with_file(file, "Unsupported preallocation mode: metadata"));
     }
     let f = std::fs::OpenOptions::new()

@@ -10,6 +10,7 @@ use vcore::image::raw::RawDevice;
 use vcore::image::{self, Allocation, BlockDevice, Format, OpenOptions};
 
 /// One layer of a backing chain, for block-status queries.
+#[allow(clippy::large_enum_variant)]
 pub enum Layer {
     Raw {
         dev: RawDevice,
@@ -164,7 +165,7 @@ pub fn status(layers: &mut [Layer], off: u64, max: u64) -> R<Entry> {
                         mk(flen, true, zero, true, false, Some(h))
                     }
                     Kind::Normal(h) => mk(len, true, false, true, false, Some(h)),
-                    Kind::ZeroAlloc(h) => mk(len, true, true, true, false, Some(h)),
+                    Kind::ZeroAlloc(h) => mk(len, true, true, false, false, Some(h)),
                     Kind::ZeroPlain => mk(len, true, true, false, false, None),
                     Kind::Compressed(l2e) => Entry {
                         cl2e: Some(l2e),

@@ -133,41 +133,6 @@ pub fn pretty(j: &J) -> String {
     s
 }
 
-/// QEMU's compact `qobject_to_json` with its `", "` / `": "` separators.
-pub fn compact(j: &J) -> String {
-    let mut out = String::new();
-    compact_into(j, &mut out);
-    out
-}
-
-fn compact_into(j: &J, out: &mut String) {
-    match j {
-        J::Obj(m) => {
-            out.push('{');
-            for (i, (k, v)) in qdict_order(m).into_iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                esc(k, out);
-                out.push_str(": ");
-                compact_into(v, out);
-            }
-            out.push('}');
-        }
-        J::Arr(a) => {
-            out.push('[');
-            for (i, v) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                compact_into(v, out);
-            }
-            out.push(']');
-        }
-        other => pretty_into(other, 0, out),
-    }
-}
-
 /// QEMU's human `dump_qdict` (block/qapi.c): keys with dashes turned into
 /// spaces, nested objects and lists indented by 4.
 pub fn dump_human(j: &J, indent: usize, out: &mut String) {

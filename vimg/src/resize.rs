@@ -161,6 +161,7 @@ pub fn run(a: ResizeArgs) -> R<()> {
     Ok(())
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Dev {
     Raw(RawDevice),
     Qcow2(Qcow2Device),

@@ -131,10 +131,10 @@ pub fn run_amend(file: &str, fmt: Option<&str>, opts: &[String], quiet: bool) ->
             }
             "lazy_refcounts" => lazy = Some(parse_bool(&k, &v).map_err(fail)?),
             "refcount_bits" => {
-                bits = Some(
-                    v.parse::<u64>()
-                        .map_err(|_| fail(format!("Parameter 'refcount_bits' expects a number")))?,
-                )
+                bits =
+                    Some(v.parse::<u64>().map_err(|_| {
+                        fail("Parameter 'refcount_bits' expects a number".to_string())
+                    })?)
             }
             "cluster_size" | "preallocation" | "backing_fmt" | "backing_file" | "size"
             | "compression_type" | "extended_l2" | "data_file" | "data_file_raw" | "encryption"
@@ -254,7 +254,10 @@ pub fn run_measure(a: MeasureArgs) -> R<()> {
             };
             let mut layers = open_chain(file, fmt, a.force_share)?;
             let ssize = layers[0].size();
-            let is_q = matches!(layers[0], crate::map::Layer::Qcow2 { .. });
+            let is_q = match &layers[0] {
+                crate::map::Layer::Qcow2 { m, .. } => m.header().version >= 3,
+                _ => false,
+            };
             let mut req = 0u64;
             if out_fmt == Format::Qcow2 {
                 if has_backing {

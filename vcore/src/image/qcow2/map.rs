@@ -67,10 +67,15 @@ impl Mapper {
         let mut first: Option<Kind> = None;
         let mut len = 0u64;
         let mut pos = guest;
+        let l1_span = cs * self.h.l2_entries();
         while len < max {
             let k = self.unit(pos)?;
-            let in_unit = pos % sub;
-            let step = (sub - in_unit).min(max - len);
+            // A whole missing L2 table is one unallocated step.
+            let l1i = (pos / l1_span) as usize;
+            let no_l2 = self.l1.get(l1i).is_none_or(|e| e & OFFSET_MASK == 0);
+            let unit = if no_l2 { l1_span } else { sub };
+            let in_unit = pos % unit;
+            let step = (unit - in_unit).min(max - len);
             match first {
                 None => first = Some(k),
                 Some(f) => {
