@@ -112,10 +112,13 @@ pub struct Cli {
     /// Print the guest's boot-time markers (port 0x80 writes) on exit
     #[arg(long = "boot-markers")]
     pub boot_markers: bool,
-    /// A disk: a virtio-blk PCI device over a raw or qcow2 image (see docs/disks.md)
+    /// A disk: a virtio-blk PCI device over a raw or qcow2 image. Keys: file, format=raw|qcow2,
+    /// if=virtio|none, cache=writeback|none|writethrough|directsync|unsafe,
+    /// aio=threads|native|io_uring, readonly=on|off, discard=unmap|ignore, serial, id,
+    /// snapshot=on|off (see docs/disks.md)
     #[arg(
         long,
-        value_name = "file=PATH[,format=raw|qcow2][,if=virtio][,cache=MODE][,aio=MODE][,readonly=on][,discard=unmap|ignore][,serial=S][,id=ID][,snapshot=on]"
+        value_name = "file=PATH[,format=F][,cache=MODE][,readonly=on][,...]"
     )]
     pub drive: Vec<String>,
     /// A virtio disk from an image (like -drive file=PATH)

@@ -348,3 +348,153 @@ impl QueueHandler for BlkHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{self, OpenOptions};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const ST: u64 = 0x3000;
+
+    fn setup(
+        read_only: bool,
+        cache: CacheMode,
+    ) -> (GuestMemoryMmap, BlkHandler, tempfile::NamedTempFile) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(64 * 1024).unwrap();
+        let disk = image::open(
+            f.path(),
+            &OpenOptions {
+                format: Some(image::Format::Raw),
+                read_only,
+                no_lock: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let blk = Blk::new(&DiskSpec {
+            id: "blk0".into(),
+            disk: Arc::from(disk),
+            serial: "SERIAL-0123456789-ABCDEF".into(),
+            cache,
+            discard: true,
+            restrict_block0: false,
+        });
+        let h = BlkHandler {
+            disk: blk.disk.clone(),
+            serial: blk.serial.clone(),
+            cache,
+            discard: true,
+            restrict_block0: false,
+            buf: AlignedBuf::default(),
+        };
+        (mem, h, f)
+    }
+
+    fn req(
+        mem: &GuestMemoryMmap,
+        h: &mut BlkHandler,
+        ty: u32,
+        sector: u64,
+        data: (u32, bool),
+    ) -> (u8, u32) {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&ty.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        let mut c = Chain::default();
+        c.readable.push((GuestAddress(HDR), 16));
+        if data.0 > 0 {
+            if data.1 {
+                c.writable.push((GuestAddress(DATA), data.0));
+            } else {
+                c.readable.push((GuestAddress(DATA), data.0));
+            }
+        }
+        c.writable.push((GuestAddress(ST), 1));
+        let n = h.handle(0, mem, &c).unwrap();
+        (mem.read_obj::<u8>(GuestAddress(ST)).unwrap(), n)
+    }
+
+    #[test]
+    fn requests_and_errors() {
+        let (mem, mut h, f) = setup(false, CacheMode::Writethrough);
+        mem.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
+        assert_eq!(req(&mem, &mut h, T_OUT, 2, (1024, false)), (S_OK, 1));
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert!(on_disk[1024..2048].iter().all(|&b| b == 0xab));
+        mem.write_slice(&[0; 1024], GuestAddress(DATA)).unwrap();
+        assert_eq!(req(&mem, &mut h, T_IN, 2, (512, true)), (S_OK, 513));
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 511)).unwrap(), 0xab);
+        // Past the end, misaligned length, unknown type.
+        assert_eq!(req(&mem, &mut h, T_IN, 128, (512, true)).0, S_IOERR);
+        assert_eq!(
+            req(&mem, &mut h, T_IN, u64::MAX / 2, (512, true)).0,
+            S_IOERR
+        );
+        assert_eq!(req(&mem, &mut h, T_IN, 0, (100, true)).0, S_IOERR);
+        assert_eq!(req(&mem, &mut h, 99, 0, (0, false)).0, S_UNSUPP);
+        assert_eq!(req(&mem, &mut h, T_FLUSH, 0, (0, false)).0, S_OK);
+        // GET_ID: 20 bytes of the serial.
+        assert_eq!(req(&mem, &mut h, T_GET_ID, 0, (20, true)), (S_OK, 21));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"SERIAL-0123456789-AB");
+        // WRITE_ZEROES over sectors 2-3.
+        let mut seg = [0u8; 16];
+        seg[0..8].copy_from_slice(&2u64.to_le_bytes());
+        seg[8..12].copy_from_slice(&2u32.to_le_bytes());
+        mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        assert_eq!(req(&mem, &mut h, T_WRITE_ZEROES, 0, (16, false)).0, S_OK);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert!(on_disk[1024..2048].iter().all(|&b| b == 0));
+        // DISCARD past the end fails; with flags it is unsupported.
+        seg[0..8].copy_from_slice(&127u64.to_le_bytes());
+        mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        assert_eq!(req(&mem, &mut h, T_DISCARD, 0, (16, false)).0, S_IOERR);
+        seg[0..8].copy_from_slice(&0u64.to_le_bytes());
+        seg[12..16].copy_from_slice(&1u32.to_le_bytes());
+        mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        assert_eq!(req(&mem, &mut h, T_DISCARD, 0, (16, false)).0, S_UNSUPP);
+    }
+
+    #[test]
+    fn read_only_and_malformed() {
+        let (mem, mut h, _f) = setup(true, CacheMode::Writeback);
+        assert_eq!(req(&mem, &mut h, T_OUT, 0, (512, false)).0, S_IOERR);
+        assert_eq!(req(&mem, &mut h, T_IN, 0, (512, true)).0, S_OK);
+        let blk_feats = {
+            let b = Blk {
+                id: "x".into(),
+                disk: h.disk.clone(),
+                serial: String::new(),
+                cache: CacheMode::Writeback,
+                discard: false,
+                restrict_block0: false,
+            };
+            b.features()
+        };
+        assert_ne!(blk_feats & F_RO, 0);
+        assert_eq!(blk_feats & F_DISCARD, 0);
+        // No status byte / short header: malformed, not a panic.
+        let mut c = Chain::default();
+        c.readable.push((GuestAddress(HDR), 8));
+        assert!(h.handle(0, &mem, &c).is_err());
+        c.readable[0].1 = 16;
+        assert!(h.handle(0, &mem, &c).is_err());
+        // Chain checks: buffer outside RAM, readable after writable.
+        use virtio_queue::desc::split::Descriptor;
+        let d = |a, l, f, n| Descriptor::new(a, l, f, n);
+        assert!(Chain::check(&mem, &[d(0xf000_0000, 16, 0, 0)]).is_err());
+        assert!(Chain::check(&mem, &[d(0x1000, 0xffff_0000, 0, 0)]).is_err());
+        assert!(Chain::check(&mem, &[d(0x1000, 16, 1, 1)]).is_err());
+        assert!(Chain::check(&mem, &[d(0x1000, 16, 3, 1), d(0x2000, 16, 0, 0)]).is_err());
+        assert!(Chain::check(&mem, &[]).is_err());
+        let ok = Chain::check(&mem, &[d(0x1000, 16, 1, 1), d(0x2000, 1, 2, 0)]).unwrap();
+        assert_eq!((ok.readable_len(), ok.writable_len()), (16, 1));
+    }
+}
