@@ -373,6 +373,61 @@ fn qemu_guest_live() {
     }
 }
 
+/// The real vmrun with the tiny spinning guest (`guests/tiny/spin.S`),
+/// `-smp 2`: found by name (`-name`) and by thread names `vcpu0`/`vcpu1`.
+#[test]
+fn vmrun_real_guest_live() {
+    if !have("taskset") || !e2e::bin("vmrun").exists() {
+        eprintln!("skipped: needs taskset and a built vmrun (cargo build -p vmrun)");
+        return;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("skipped: /dev/kvm cannot be opened read-write on this host");
+        return;
+    }
+    let name = format!("vp{}", std::process::id());
+    let child = Command::new(e2e::bin("vmrun"))
+        .args(["-kernel", env!("TINY_SPIN"), "-m", "32", "-smp", "2"])
+        .args(["-serial", "null", "-name", &name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmrun");
+    let mut vmrun = KillOnDrop(child);
+    let pid = vmrun.0.id() as i32;
+    let start = Instant::now();
+    let list = loop {
+        if let Ok(Some(status)) = vmrun.0.try_wait() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(vmrun.0.stderr.as_mut().unwrap(), &mut err);
+            panic!("vmrun exited with {status}: {err}");
+        }
+        let o = vpin(&["list", &name, "--json"]);
+        let out = stdout(&o);
+        if o.status.success() && out.contains("\"vcpu1\"") {
+            break out;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{out} {}",
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(v[0]["pid"], pid);
+    assert_eq!(v[0]["vmm"], "vmrun");
+    assert_eq!(v[0]["name"], name.as_str());
+    let (v0, v1) = vcpu_tids(&list);
+    pin_and_check(&[&name], pid, v0, v1, &[]);
+}
+
 /// The stand-in vmrun: run by `vmrun_guest_live` as a child of this test
 /// binary. Names the process "vmrun" and three threads vcpu0, vcpu1 and
 /// io-blk0, writes the thread map, says READY and waits for stdin to close.
