@@ -241,7 +241,7 @@ fn run(cli: Cli) -> Outcome {
             } else {
                 a.output
             };
-            pin::run(&guest, &request, a.dry_run, output)
+            pin::run(root, &guest, &request, a.dry_run, output)
         }
         Command::Cpus(a) => hostview::print_cpus(root, a.json),
         Command::Plan(a) => {

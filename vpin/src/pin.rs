@@ -380,12 +380,68 @@ pub fn print_changes(
     }
 }
 
+/// Remarks on a placement: vCPUs sharing a CPU, vCPUs outside the isolated
+/// CPUs, other threads on isolated CPUs.
+pub fn advice(targets: &[(&GuestThread, CpuSet)], isolated: &CpuSet) -> Vec<String> {
+    let mut notes = Vec::new();
+    let vcpus: Vec<&(&GuestThread, CpuSet)> = targets
+        .iter()
+        .filter(|(t, _)| matches!(t.role, Role::Vcpu(_)))
+        .collect();
+    for (i, (a, ca)) in vcpus.iter().enumerate() {
+        for (b, cb) in &vcpus[i + 1..] {
+            if ca.len() == 1 && ca == cb {
+                notes.push(format!(
+                    "{} and {} share CPU {}",
+                    a.role,
+                    b.role,
+                    ca.to_list()
+                ));
+            }
+        }
+    }
+    if isolated.is_empty() {
+        return notes;
+    }
+    for (t, cpus) in targets {
+        let outside = cpus.difference(isolated);
+        let inside = cpus.intersection(isolated);
+        match t.role {
+            Role::Vcpu(_) if !outside.is_empty() => notes.push(format!(
+                "{} goes to CPUs {} that are not isolated (isolated: {})",
+                t.role,
+                outside.to_list(),
+                isolated.to_list()
+            )),
+            Role::Emulator | Role::Io if !inside.is_empty() => notes.push(format!(
+                "{} thread {} ({}) goes to isolated CPUs {}, where it competes with vCPUs",
+                t.role,
+                t.tid,
+                t.name,
+                inside.to_list()
+            )),
+            _ => {}
+        }
+    }
+    notes
+}
+
 /// `vpin pin`.
-pub fn run(guest: &Guest, req: &Request, dry: bool, out: PinOutput) -> Outcome {
+pub fn run(
+    root: &std::path::Path,
+    guest: &Guest,
+    req: &Request,
+    dry: bool,
+    out: PinOutput,
+) -> Outcome {
     for note in &guest.notes {
         eprintln!("vpin: note: {note}");
     }
     let (targets, fixed) = req.targets(guest)?;
+    let isolated = vcore::host::cpus::isolated(root).unwrap_or_default();
+    for note in advice(&targets, &isolated) {
+        eprintln!("vpin: note: {note}");
+    }
     for t in fixed {
         eprintln!(
             "vpin: note: {} cannot be moved (the kernel sets PF_NO_SETAFFINITY); skipped",
@@ -448,6 +504,30 @@ mod tests {
             [777]
         );
         assert_eq!(fixed.iter().map(|t| t.tid).collect::<Vec<_>>(), [778]);
+    }
+
+    #[test]
+    fn advice_on_placement() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../vcore/tests/fixtures/vpin/host");
+        let g = vcore::host::threads::classify(&root, 4242, None, None).unwrap();
+        let r = Request::parse(&words(&["vcpus=2", "io=3", "vcpu1=0"]), None).unwrap();
+        let (targets, _) = r.targets(&g).unwrap();
+        let notes = advice(&targets, &CpuSet::parse_list("2-3").unwrap());
+        assert_eq!(
+            notes,
+            [
+                "io thread 4244 (IO mon_iothread) goes to isolated CPUs 3, where it competes \
+                 with vCPUs",
+                "vcpu1 goes to CPUs 0 that are not isolated (isolated: 2,3)"
+            ]
+        );
+        let r = Request::parse(&words(&["vcpus=2"]), None).unwrap();
+        let (targets, _) = r.targets(&g).unwrap();
+        assert_eq!(
+            advice(&targets, &CpuSet::new()),
+            ["vcpu0 and vcpu1 share CPU 2"]
+        );
     }
 
     #[test]
