@@ -12,7 +12,7 @@ use clap::Parser;
 use vcore::boot::Decompress;
 use vcore::cpuid::{CpuModel, CpuSpec, MODELS};
 use vcore::cpulist::CpuSet;
-use vcore::host::threads::{ThreadMap, VcpuThread};
+use vcore::host::threads::{IoThread, ThreadMap, VcpuThread};
 use vcore::monitor::{self, Chardev, MemInfo, MonitorCtx, Protocol};
 use vcore::vm::{pvm, Backing, SerialOut, Vm, VmConfig, VmExit};
 
@@ -417,6 +417,12 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
         _ => mem_size = vcore::units::round_up(mem_size, 2 << 20),
     }
 
+    let devices = crate::drive::parse_devices(&cli.device).map_err(Failure::Usage)?;
+    let disks = crate::drive::open_all(cli.hda.as_deref(), &cli.drive, &devices, cli.snapshot)
+        .map_err(|e| match e {
+            crate::drive::DriveError::Usage(m) => Failure::Usage(m),
+            crate::drive::DriveError::Open(m) => Failure::Runtime(anyhow!(m)),
+        })?;
     if cli.daemonize {
         *daemon = Some(Daemon::start()?);
     }
@@ -481,6 +487,8 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
             kernel_cache: vcore::boot::decompress::cache_dir(),
             serial: serial_out.take().unwrap_or(SerialOut::Null),
             pvm_quirks,
+            disks: disks.iter().map(|d| d.spec.clone()).collect(),
+            rng: devices.rng,
         };
         let vm = Vm::new(cfg).map_err(|e| anyhow!(e.to_string()))?;
         let mon = Arc::new(MonitorCtx {
@@ -571,11 +579,19 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
                                 .collect()
                         })
                         .unwrap_or_default();
+                    let io_threads = monitor::threads()
+                        .into_iter()
+                        .filter(|t| t.role == "io")
+                        .map(|t| IoThread {
+                            name: t.name.trim_start_matches("io-").to_string(),
+                            tid: t.tid,
+                        })
+                        .collect();
                     let map = ThreadMap {
                         pid,
                         name: run_name.clone(),
                         vcpus,
-                        io_threads: Vec::new(),
+                        io_threads,
                         monitor: monitor_path.clone(),
                     };
                     if let Err(e) = map.write(&map_path) {
