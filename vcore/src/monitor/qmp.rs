@@ -1,7 +1,7 @@
 //! QMP: QEMU's JSON monitor protocol (greeting, capabilities negotiation,
 //! `{"execute": ...}` → `{"return": ...}` / `{"error": ...}`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 
 use serde_json::{json, Value};
 
@@ -28,15 +28,17 @@ fn error(class: &str, desc: impl Into<String>) -> Value {
 /// Handle one message. `negotiated` tracks `qmp_capabilities`. Returns the
 /// reply and whether the connection should close.
 pub fn handle(ctx: &MonitorCtx, msg: &str, negotiated: &mut bool) -> (Value, bool) {
-    let v: Value = match serde_json::from_str(msg) {
-        Ok(v) => v,
-        Err(e) => {
-            return (
-                error("GenericError", format!("JSON parse error, {e}")),
-                false,
-            )
-        }
-    };
+    match serde_json::from_str(msg) {
+        Ok(v) => handle_value(ctx, v, negotiated),
+        Err(e) => (
+            error("GenericError", format!("JSON parse error, {e}")),
+            false,
+        ),
+    }
+}
+
+/// Handle one parsed message.
+pub fn handle_value(ctx: &MonitorCtx, v: Value, negotiated: &mut bool) -> (Value, bool) {
     let Some(cmd) = v.get("execute").and_then(Value::as_str) else {
         return (
             error(
@@ -140,12 +142,21 @@ pub fn serve<S: std::io::Read + Write + TryCloneStream>(conn: S, ctx: &MonitorCt
         return false;
     }
     let mut negotiated = false;
-    for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return false };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let (reply, quit) = handle(ctx, &line, &mut negotiated);
+    // Like QEMU's streaming parser: objects may share a line or span lines.
+    let stream = serde_json::Deserializer::from_reader(BufReader::new(conn)).into_iter::<Value>();
+    for msg in stream {
+        let (reply, quit) = match msg {
+            Ok(v) => handle_value(ctx, v, &mut negotiated),
+            Err(e) if e.is_io() || e.is_eof() => return false,
+            Err(e) => {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    error("GenericError", format!("JSON parse error, {e}"))
+                );
+                return false;
+            }
+        };
         if writeln!(out, "{reply}").is_err() {
             return false;
         }
