@@ -32,7 +32,10 @@ fn linux_guest_boots_to_init_with_two_cpus() {
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("serial.log");
     let start = Instant::now();
-    let out = Command::new(bin("vmrun"))
+    // A hung guest must not hang CI: give up after 15 minutes.
+    let out = Command::new("timeout")
+        .args(["--signal=KILL", "900"])
+        .arg(bin("vmrun"))
         .args([
             "-name",
             "e2e-linux",

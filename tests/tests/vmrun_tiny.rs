@@ -219,3 +219,39 @@ fn help_version_cpu_help_and_check_host() {
         assert_eq!(v["api_version"], 12);
     }
 }
+
+#[test]
+fn i8042_reset_ends_the_vm_with_no_reboot_and_reboots_without() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = vmrun(&["-kernel", env!("TINY_RESET"), "-m", "32", "-no-reboot"]);
+    assert_eq!((code, out.as_str()), (0, "booting\n"), "{err}");
+    // Without -no-reboot the guest boots again (and again): stop it after
+    // a few boots with SIGTERM.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let child = Command::new(bin("vmrun"))
+        .args(["-kernel", env!("TINY_RESET"), "-m", "32", "-serial"])
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("booting")
+        .count()
+        < 3
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the guest did not reboot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
+}

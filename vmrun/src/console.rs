@@ -47,8 +47,13 @@ impl Drop for RawTerminal {
 const HELP: &str = "\r\nC-a h    print this help\r\nC-a x    exit emulator\r\n\
 C-a c    switch between console and monitor\r\nC-a C-a  sends C-a\r\n";
 
-fn feed(serial: &Arc<Mutex<SerialDevice>>, mut bytes: &[u8]) {
+/// The UART of the VM that runs now (replaced when the guest reboots).
+pub type SerialSlot = Arc<Mutex<Option<Arc<Mutex<SerialDevice>>>>>;
+
+fn feed(slot: &SerialSlot, mut bytes: &[u8]) {
     while !bytes.is_empty() {
+        let serial = slot.lock().ok().and_then(|s| s.clone());
+        let Some(serial) = serial else { return };
         let n = serial
             .lock()
             .map(|mut s| s.enqueue_input(bytes))
@@ -63,7 +68,7 @@ fn feed(serial: &Arc<Mutex<SerialDevice>>, mut bytes: &[u8]) {
 /// What stdin drives.
 pub struct StdinTargets {
     /// The UART, when the serial console is on stdio.
-    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    pub serial: Option<SerialSlot>,
     /// The monitor, when it is on stdio.
     pub monitor: Option<Arc<MonitorCtx>>,
     /// `-nographic`: Ctrl-a escapes switch between the two.
@@ -105,7 +110,7 @@ pub fn spawn_stdin(t: StdinTargets) {
                             b'x' | b'X' => {
                                 print("QEMU: Terminated\r\n");
                                 if let Some(m) = &t.monitor {
-                                    m.control.request_exit(VmExit::Quit);
+                                    m.control().request_exit(VmExit::Quit);
                                 }
                                 return;
                             }
@@ -151,12 +156,12 @@ pub fn spawn_stdin(t: StdinTargets) {
                             line.clear();
                         }
                         0x7f | 0x08 => {
-                        let erased = line.pop().is_some();
-                        if erased && t.mux {
-                            print("\x08 \x08");
+                            let erased = line.pop().is_some();
+                            if erased && t.mux {
+                                print("\x08 \x08");
+                            }
                         }
-                    }
-                    c if c >= 0x20 => {
+                        c if c >= 0x20 => {
                             line.push(c as char);
                             if t.mux {
                                 print(&(c as char).to_string());

@@ -12,6 +12,7 @@ use clap::Parser;
 use vcore::boot::Decompress;
 use vcore::cpuid::{CpuModel, CpuSpec, MODELS};
 use vcore::cpulist::CpuSet;
+use vcore::devices::serial::SharedWriter;
 use vcore::host::threads::{IoThread, ThreadMap, VcpuThread};
 use vcore::monitor::{self, Chardev, MemInfo, MonitorCtx, Protocol};
 use vcore::vm::{pvm, Backing, SerialOut, Vm, VmConfig, VmExit};
@@ -461,7 +462,15 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
         );
     }
     let _raw = (cli.nographic && stdio_console).then(console::RawTerminal::enable);
-    let mut serial_out = Some(serial_out);
+    // One writer for every boot: a reboot rebuilds the VM, not the console.
+    let serial_writer = match serial_out {
+        SerialOut::Stdout => Some(SharedWriter::new(Box::new(std::io::stdout()))),
+        SerialOut::Writer(w) => Some(SharedWriter::new(w)),
+        SerialOut::Null => None,
+    };
+    let serial_slot: console::SerialSlot = Arc::new(Mutex::new(None));
+    let mut mon: Option<Arc<MonitorCtx>> = None;
+    let mut monitor_path = None;
     let pid = std::process::id() as i32;
     let run_name = guest_name.clone().unwrap_or_else(|| format!("vmrun-{pid}"));
     let run_dir = RunDir {
@@ -485,26 +494,32 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
                 DecompressArg::Guest => Decompress::Guest,
             },
             kernel_cache: vcore::boot::decompress::cache_dir(),
-            serial: serial_out.take().unwrap_or(SerialOut::Null),
+            serial: match &serial_writer {
+                Some(w) => SerialOut::Writer(Box::new(w.clone())),
+                None => SerialOut::Null,
+            },
             pvm_quirks,
             disks: disks.iter().map(|d| d.spec.clone()).collect(),
             rng: devices.rng,
         };
         let vm = Vm::new(cfg).map_err(|e| anyhow!(e.to_string()))?;
-        let mon = Arc::new(MonitorCtx {
-            control: vm.control(),
-            name: guest_name.clone(),
-            topology,
-            mem: MemInfo {
-                size: mem_size,
-                backing: vcore::vm::memory::describe(&backing),
-                page_size,
-                prealloc,
-            },
-            version: version.clone(),
-        });
-        let mut monitor_path = None;
+        *serial_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.serial());
+        if let Some(m) = &mon {
+            m.set_control(vm.control());
+        }
         if first_boot {
+            let m = Arc::new(MonitorCtx {
+                control: Mutex::new(vm.control()),
+                name: guest_name.clone(),
+                topology,
+                mem: MemInfo {
+                    size: mem_size,
+                    backing: vcore::vm::memory::describe(&backing),
+                    page_size,
+                    prealloc,
+                },
+                version: version.clone(),
+            });
             for (dev, proto, opt) in [
                 (&monitor_dev, Protocol::Hmp, "-monitor"),
                 (
@@ -514,18 +529,19 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
                 ),
             ] {
                 if let Chardev::Unix(p) = dev {
-                    monitor::serve_unix(p, proto, mon.clone())
+                    monitor::serve_unix(p, proto, m.clone())
                         .with_context(|| format!("{opt}: could not listen on '{}'", p.display()))?;
                     monitor_path.get_or_insert(p.display().to_string());
                 }
             }
             if stdio_console || monitor_dev == Chardev::Stdio {
                 console::spawn_stdin(console::StdinTargets {
-                    serial: stdio_console.then(|| vm.serial()),
-                    monitor: (monitor_dev == Chardev::Stdio).then(|| mon.clone()),
+                    serial: stdio_console.then(|| serial_slot.clone()),
+                    monitor: (monitor_dev == Chardev::Stdio).then(|| m.clone()),
                     mux: cli.nographic,
                 });
             }
+            mon = Some(m);
         }
 
         // Thread map for vpin, affinity, and -daemonize's "ready", once

@@ -58,6 +58,28 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// A writer shared by successive UARTs, so that serial output keeps going
+/// to the same place when the guest reboots and the VM is rebuilt.
+#[derive(Clone)]
+pub struct SharedWriter(std::sync::Arc<std::sync::Mutex<Box<dyn Write + Send>>>);
+
+impl SharedWriter {
+    /// Share `w`.
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        SharedWriter(std::sync::Arc::new(std::sync::Mutex::new(w)))
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

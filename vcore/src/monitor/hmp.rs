@@ -46,19 +46,19 @@ pub fn execute(ctx: &MonitorCtx, line: &str) -> Reply {
         ["info"] => out(INFO_HELP),
         ["info", what, ..] => info(ctx, what),
         ["stop"] => {
-            ctx.control.pause();
+            ctx.control().pause();
             out("")
         }
         ["cont" | "c"] => {
-            ctx.control.resume();
+            ctx.control().resume();
             out("")
         }
         ["system_reset"] => {
-            ctx.control.request_exit(VmExit::Reset);
+            ctx.control().request_exit(VmExit::Reset);
             out("")
         }
         ["quit" | "q"] => {
-            ctx.control.request_exit(VmExit::Quit);
+            ctx.control().request_exit(VmExit::Quit);
             Reply {
                 output: String::new(),
                 quit: true,
@@ -71,7 +71,7 @@ pub fn execute(ctx: &MonitorCtx, line: &str) -> Reply {
 fn info(ctx: &MonitorCtx, what: &str) -> Reply {
     match what {
         "kvm" => out("kvm support: enabled\n"),
-        "status" => out(match ctx.control.state() {
+        "status" => out(match ctx.control().state() {
             RunState::Running => "VM status: running\n",
             RunState::Paused => "VM status: paused\n",
         }),
@@ -83,7 +83,7 @@ fn info(ctx: &MonitorCtx, what: &str) -> Reply {
             .unwrap_or_default()),
         "cpus" => {
             let mut s = String::new();
-            for (i, tid) in ctx.control.vcpu_tids().iter().enumerate() {
+            for (i, tid) in ctx.control().vcpu_tids().iter().enumerate() {
                 let mark = if i == 0 { '*' } else { ' ' };
                 s += &format!("{mark} CPU #{i}: thread_id={tid}\n");
             }

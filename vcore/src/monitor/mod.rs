@@ -8,7 +8,7 @@ pub mod qmp;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::cpuid::Topology;
 use crate::vm::VmControl;
@@ -24,11 +24,27 @@ pub struct MemInfo {
 
 /// What the monitor can see and do.
 pub struct MonitorCtx {
-    pub control: Arc<VmControl>,
+    /// The running VM's control; replaced when the guest reboots.
+    pub control: Mutex<Arc<VmControl>>,
     pub name: Option<String>,
     pub topology: Topology,
     pub mem: MemInfo,
     pub version: String,
+}
+
+impl MonitorCtx {
+    /// The current VM's run control.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Point the monitor at a new VM (after a reboot).
+    pub fn set_control(&self, c: Arc<VmControl>) {
+        *self.control.lock().unwrap_or_else(|e| e.into_inner()) = c;
+    }
 }
 
 /// A thread of this process with its role.

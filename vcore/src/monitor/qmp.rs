@@ -62,7 +62,7 @@ pub fn handle_value(ctx: &MonitorCtx, v: Value, negotiated: &mut bool) -> (Value
     } else {
         match cmd {
             "query-status" => {
-                let st = ctx.control.state();
+                let st = ctx.control().state();
                 json!({"return": {"status": st.as_str(), "singlestep": false, "running": st == RunState::Running}})
             }
             "query-kvm" => json!({"return": {"enabled": true, "present": true}}),
@@ -74,7 +74,7 @@ pub fn handle_value(ctx: &MonitorCtx, v: Value, negotiated: &mut bool) -> (Value
             "query-cpus-fast" => {
                 let t = ctx.topology;
                 let cpus: Vec<Value> = ctx
-                    .control
+                    .control()
                     .vcpu_tids()
                     .iter()
                     .enumerate()
@@ -97,19 +97,19 @@ pub fn handle_value(ctx: &MonitorCtx, v: Value, negotiated: &mut bool) -> (Value
                 json!({"return": cpus})
             }
             "stop" => {
-                ctx.control.pause();
+                ctx.control().pause();
                 json!({"return": {}})
             }
             "cont" => {
-                ctx.control.resume();
+                ctx.control().resume();
                 json!({"return": {}})
             }
             "system_reset" => {
-                ctx.control.request_exit(VmExit::Reset);
+                ctx.control().request_exit(VmExit::Reset);
                 json!({"return": {}})
             }
             "quit" => {
-                ctx.control.request_exit(VmExit::Quit);
+                ctx.control().request_exit(VmExit::Quit);
                 quit = true;
                 json!({"return": {}})
             }
@@ -190,7 +190,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let control = Arc::new(VmControl::new_for_test(2, tx));
         let ctx = MonitorCtx {
-            control,
+            control: std::sync::Mutex::new(control),
             name: Some("t".into()),
             topology: Topology {
                 sockets: 1,

@@ -226,8 +226,7 @@ impl Vm {
         pio.insert(COM1_PORT, 8, serial.clone()).map_err(dev_err)?;
 
         // i8042 reset line → VM reset.
-        let reset_evt =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
+        let reset_evt = EventFd::new(0).map_err(|e| VmError::Device(e.to_string()))?;
         let reset_watch = reset_evt
             .try_clone()
             .map_err(|e| VmError::Device(e.to_string()))?;
