@@ -16,6 +16,10 @@ Examples:
   # Send the console to a file and run in the background of a script:
   vmrun -m 256m -kernel bzImage -append console=ttyS0 -serial file:boot.log -no-reboot &
 
+  # Boot a Linux disk image (raw or qcow2) like qemu-kvm, and see what it boots:
+  vmrun -smp 1 -m 512m -nographic disk.qcow2
+  vmrun --print-boot disk.qcow2
+
   # What can this host do?
   vmrun --check-host
 
@@ -104,6 +108,15 @@ pub struct Cli {
     /// Print the guest's boot-time markers (port 0x80 writes) on exit
     #[arg(long = "boot-markers")]
     pub boot_markers: bool,
+    /// Disk image (raw or qcow2) to boot from when no -kernel is given
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Show what would be booted from the disk image (kernel, initrd, command line) and exit
+    #[arg(long = "print-boot")]
+    pub print_boot: bool,
+    /// Firmware image: not supported yet (disk images boot without firmware; see docs/boot.md)
+    #[arg(long, value_name = "FILE")]
+    pub bios: Option<PathBuf>,
 }
 
 /// Rewrite QEMU-style single-dash long options (`-smp`) to `--smp`.
