@@ -205,7 +205,7 @@ pub fn is_hugetlbfs(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe_zeroed();
     // SAFETY: fstatfs writes into the statfs struct we own.
     let r = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
-    r == 0 && st.f_type as i64 == HUGETLBFS_MAGIC
+    r == 0 && st.f_type == HUGETLBFS_MAGIC
 }
 
 fn unsafe_zeroed() -> libc::statfs {
