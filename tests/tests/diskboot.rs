@@ -78,7 +78,10 @@ fn guest() -> &'static Path {
         k[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
         k[0x300..0x30c].copy_from_slice(b"6.1.0-synth ");
         std::fs::write(dir.join("bzImage"), k).unwrap();
-        sh(&format!("echo initrd | gzip > {}/initramfs.cpio.gz", dir.display()));
+        sh(&format!(
+            "echo initrd | gzip > {}/initramfs.cpio.gz",
+            dir.display()
+        ));
         dir
     })
 }
@@ -86,7 +89,11 @@ fn guest() -> &'static Path {
 fn kernel_release() -> String {
     let k = std::fs::read(guest().join("bzImage")).unwrap();
     let off = u16::from_le_bytes([k[0x20e], k[0x20f]]) as usize + 0x200;
-    let s: Vec<u8> = k[off..].iter().take_while(|&&c| c != 0 && c != b' ').copied().collect();
+    let s: Vec<u8> = k[off..]
+        .iter()
+        .take_while(|&&c| c != 0 && c != b' ')
+        .copied()
+        .collect();
     String::from_utf8(s).unwrap()
 }
 
@@ -121,7 +128,10 @@ fn sfdisk_partuuid(img: &Path, n: u32) -> String {
     } else {
         img.to_path_buf()
     };
-    let label = sh(&format!("sfdisk --dump {} | sed -n 's/^label: //p'", raw.display()));
+    let label = sh(&format!(
+        "sfdisk --dump {} | sed -n 's/^label: //p'",
+        raw.display()
+    ));
     if label.trim() == "dos" {
         let id = sh(&format!("sfdisk --disk-id {}", raw.display()));
         let id = u32::from_str_radix(id.trim().trim_start_matches("0x"), 16).unwrap();
@@ -252,14 +262,24 @@ fn print_boot_finds_the_default_entry_on_every_image_kind() {
     let tmp = tempfile::tempdir().unwrap();
     let rel = kernel_release();
     let ksize = std::fs::metadata(guest().join("bzImage")).unwrap().len();
-    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz")).unwrap().len();
+    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz"))
+        .unwrap()
+        .len();
     for c in CASES {
         let img = build_disk(tmp.path(), c.name, c.args);
         let before = std::fs::read(&img).unwrap();
         let j = print_boot_json(&img, &[]);
         let ctx = format!("{}: {j:#}", c.name);
         assert_eq!(j["method"], c.method, "{ctx}");
-        assert_eq!(j["format"], if c.name.ends_with("qcow2") { "qcow2" } else { "raw" }, "{ctx}");
+        assert_eq!(
+            j["format"],
+            if c.name.ends_with("qcow2") {
+                "qcow2"
+            } else {
+                "raw"
+            },
+            "{ctx}"
+        );
         assert_eq!(j["partition"]["number"], c.part, "{ctx}");
         assert_eq!(j["partition"]["table"], c.table, "{ctx}");
         assert_eq!(j["partition"]["fs"], c.fs, "{ctx}");
@@ -284,13 +304,16 @@ fn print_boot_finds_the_default_entry_on_every_image_kind() {
         match c.marker {
             Some(m) => {
                 let root = if c.method == "bls" { "vda2" } else { "vda1" };
-                let want = format!(
-                    "root=/dev/{root} rw init=/init panic=-1 reboot=k {m} console=ttyS0"
-                );
+                let want =
+                    format!("root=/dev/{root} rw init=/init panic=-1 reboot=k {m} console=ttyS0");
                 assert_eq!(cmdline, want, "{ctx}");
                 assert_eq!(j["entry_cmdline"], want.trim_end_matches(" console=ttyS0"));
             }
-            None => assert_eq!(cmdline, format!("root=PARTUUID={partuuid} ro console=ttyS0"), "{ctx}"),
+            None => assert_eq!(
+                cmdline,
+                format!("root=PARTUUID={partuuid} ro console=ttyS0"),
+                "{ctx}"
+            ),
         }
         // Looking never writes.
         assert!(std::fs::read(&img).unwrap() == before, "{} changed", c.name);
@@ -307,7 +330,9 @@ fn print_boot_human_output_append_console_and_backing_chain() {
     let (code, out, err) = vmrun(&["-print-boot", p]);
     assert_eq!(code, 0, "{err}");
     let ksize = std::fs::metadata(guest().join("bzImage")).unwrap().len();
-    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz")).unwrap().len();
+    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz"))
+        .unwrap()
+        .len();
     assert_eq!(
         out,
         format!(
@@ -323,11 +348,29 @@ fn print_boot_human_output_append_console_and_backing_chain() {
     // -append adds to the entry; a console= given anywhere is kept as is;
     // no serial port, no console=ttyS0.
     let j = print_boot_json(&img, &["-append", "quiet"]);
-    assert!(j["cmdline"].as_str().unwrap().ends_with("vtools.entry=extlinux quiet console=ttyS0"), "{j}");
+    assert!(
+        j["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with("vtools.entry=extlinux quiet console=ttyS0"),
+        "{j}"
+    );
     let j = print_boot_json(&img, &["-append", "console=hvc0"]);
-    assert!(j["cmdline"].as_str().unwrap().ends_with("vtools.entry=extlinux console=hvc0"), "{j}");
+    assert!(
+        j["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with("vtools.entry=extlinux console=hvc0"),
+        "{j}"
+    );
     let j = print_boot_json(&img, &["-serial", "none"]);
-    assert!(j["cmdline"].as_str().unwrap().ends_with("vtools.entry=extlinux"), "{j}");
+    assert!(
+        j["cmdline"]
+            .as_str()
+            .unwrap()
+            .ends_with("vtools.entry=extlinux"),
+        "{j}"
+    );
 
     // A qcow2 overlay reads through to its backing file.
     let over = tmp.path().join("overlay.qcow2");
@@ -363,7 +406,11 @@ fn expect_error(img: &Path, code: i32, needles: &[&str]) -> String {
     assert_eq!(c, code, "{}: stdout {out}\nstderr {err}", img.display());
     assert!(out.is_empty(), "{out}");
     for n in needles {
-        assert!(err.contains(n), "{}: expected {n:?} in:\n{err}", img.display());
+        assert!(
+            err.contains(n),
+            "{}: expected {n:?} in:\n{err}",
+            img.display()
+        );
     }
     err
 }
@@ -376,23 +423,49 @@ fn errors_say_what_is_wrong_and_exit_1() {
     // No partition table: zeroes, and a bare ext4 filesystem.
     let blank = t.join("blank.img");
     sh(&format!("truncate -s 8M {}", blank.display()));
-    let err = expect_error(&blank, 1, &["cannot boot", "blank.img", "has no partition table (MBR or GPT)"]);
+    let err = expect_error(
+        &blank,
+        1,
+        &[
+            "cannot boot",
+            "blank.img",
+            "has no partition table (MBR or GPT)",
+        ],
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
     let bare = t.join("bare.img");
-    sh(&format!("truncate -s 8M {b}; mkfs.ext4 -q {b}", b = bare.display()));
-    expect_error(&bare, 1, &["no partition table", "bare ext4 filesystem", "-kernel"]);
+    sh(&format!(
+        "truncate -s 8M {b}; mkfs.ext4 -q {b}",
+        b = bare.display()
+    ));
+    expect_error(
+        &bare,
+        1,
+        &["no partition table", "bare ext4 filesystem", "-kernel"],
+    );
 
     // A partition with nothing recognisable on it.
     let empty = disk_with(t, "empty.img", "gpt", "");
     expect_error(
         &empty,
         1,
-        &["no readable filesystem", "ext2/3/4 and FAT", "partition 1 (gpt, 32 MiB): no filesystem recognised"],
+        &[
+            "no readable filesystem",
+            "ext2/3/4 and FAT",
+            "partition 1 (gpt, 32 MiB): no filesystem recognised",
+        ],
     );
 
     // Recognised but unsupported: swap.
     let swap = disk_with(t, "swap.img", "dos", "mkswap -q $PART >/dev/null");
-    expect_error(&swap, 1, &["unsupported filesystem swap on partition 1", "partition 1 (mbr, 32 MiB): unsupported filesystem swap"]);
+    expect_error(
+        &swap,
+        1,
+        &[
+            "unsupported filesystem swap on partition 1",
+            "partition 1 (mbr, 32 MiB): unsupported filesystem swap",
+        ],
+    );
 
     // A readable filesystem without a kernel: the list of what was looked at.
     let nok = disk_with(
@@ -435,7 +508,11 @@ fn errors_say_what_is_wrong_and_exit_1() {
         "mkdir -p $d/root/boot; echo 'not a kernel' > $d/root/boot/vmlinuz-1.0
          mkfs.ext4 -q -F -d $d/root $PART >/dev/null",
     );
-    expect_error(&junk, 1, &["/boot/vmlinuz-1.0 on partition 1 is not a Linux kernel"]);
+    expect_error(
+        &junk,
+        1,
+        &["/boot/vmlinuz-1.0 on partition 1 is not a Linux kernel"],
+    );
 
     // Damaged GPT (primary and backup headers).
     let bad = disk_with(t, "badgpt.img", "gpt", "");
@@ -444,24 +521,43 @@ fn errors_say_what_is_wrong_and_exit_1() {
          printf 'XX' | dd of=$b bs=1 seek=$(( $(stat -c %s $b) - 512 + 20 )) conv=notrunc status=none",
         bad.display()
     ));
-    expect_error(&bad, 1, &["partition table is invalid", "GPT headers (primary and backup) fail their checksums"]);
+    expect_error(
+        &bad,
+        1,
+        &[
+            "partition table is invalid",
+            "GPT headers (primary and backup) fail their checksums",
+        ],
+    );
 
     // Missing image, -bios, usage errors.
     let (c, _, err) = vmrun(&["--print-boot", "/nonexistent/disk.qcow2"]);
     assert_eq!(c, 1, "{err}");
-    assert!(err.contains("Could not open '/nonexistent/disk.qcow2'"), "{err}");
+    assert!(
+        err.contains("Could not open '/nonexistent/disk.qcow2'"),
+        "{err}"
+    );
     let (c, _, err) = vmrun(&["-bios", "OVMF.fd", "-m", "64", blank.to_str().unwrap()]);
     assert_eq!(c, 1, "{err}");
-    assert!(err.contains("-bios OVMF.fd: firmware boot is not supported yet"), "{err}");
+    assert!(
+        err.contains("-bios OVMF.fd: firmware boot is not supported yet"),
+        "{err}"
+    );
     let (c, _, err) = vmrun(&["--print-boot"]);
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("--print-boot needs a disk IMAGE"), "{err}");
     let (c, _, err) = vmrun(&["-initrd", "x.img", blank.to_str().unwrap()]);
     assert_eq!(c, 2, "{err}");
-    assert!(err.contains("-initrd x.img: an initrd needs -kernel"), "{err}");
+    assert!(
+        err.contains("-initrd x.img: an initrd needs -kernel"),
+        "{err}"
+    );
     let (c, _, err) = vmrun(&["-m", "64"]);
     assert_eq!(c, 2, "{err}");
-    assert!(err.contains("no kernel or disk image given"), "{err}");
+    assert!(
+        err.contains("no kernel given: use -kernel FILE, or give a disk IMAGE"),
+        "{err}"
+    );
 }
 
 /// The one real boot: a qcow2 GPT disk with extlinux.conf.
@@ -470,7 +566,10 @@ fn linux_boots_from_a_qcow2_gpt_extlinux_disk() {
     let real = root().join("build/guest/bzImage");
     if !real.exists() {
         if std::env::var("VTOOLS_SKIP_LINUX").as_deref() == Ok("1") {
-            eprintln!("SKIP: {} is missing and VTOOLS_SKIP_LINUX=1", real.display());
+            eprintln!(
+                "SKIP: {} is missing and VTOOLS_SKIP_LINUX=1",
+                real.display()
+            );
             return;
         }
         panic!(
@@ -479,7 +578,11 @@ fn linux_boots_from_a_qcow2_gpt_extlinux_disk() {
         );
     }
     let tmp = tempfile::tempdir().unwrap();
-    let img = build_disk(tmp.path(), "disk.qcow2", &["-t", "gpt", "-c", "extlinux", "-f", "qcow2"]);
+    let img = build_disk(
+        tmp.path(),
+        "disk.qcow2",
+        &["-t", "gpt", "-c", "extlinux", "-f", "qcow2"],
+    );
     let start = Instant::now();
     let out = Command::new(bin("vmrun"))
         .args(["-m", "256m", "-nographic", "-no-reboot"])
@@ -511,7 +614,9 @@ fn linux_boots_from_a_qcow2_gpt_extlinux_disk() {
             "log tail:\n{tail}"
         );
     } else {
-        eprintln!("note: this vmrun has no -drive (virtio-blk); checking the kernel looked for vda1");
+        eprintln!(
+            "note: this vmrun has no -drive (virtio-blk); checking the kernel looked for vda1"
+        );
         assert!(
             log.contains("VFS: Cannot open root device \"vda1\""),
             "log tail:\n{tail}"

@@ -20,6 +20,14 @@ Examples:
   vmrun -smp 1 -m 512m -nographic disk.qcow2
   vmrun --print-boot disk.qcow2
 
+  # Boot from a qcow2 disk with an entropy source:
+  vmrun -m 256m -kernel bzImage -append 'console=ttyS0 root=/dev/vda rw' \\
+        -drive file=disk.qcow2,if=virtio,cache=writeback -device virtio-rng-pci -nographic
+
+  # A second disk read-only, and keep every image unchanged:
+  vmrun -m 256m -kernel bzImage -append 'root=/dev/vda console=ttyS0' -hda root.img \\
+        -drive file=data.raw,format=raw,readonly=on -snapshot -nographic
+
   # What can this host do?
   vmrun --check-host
 
@@ -108,6 +116,24 @@ pub struct Cli {
     /// Print the guest's boot-time markers (port 0x80 writes) on exit
     #[arg(long = "boot-markers")]
     pub boot_markers: bool,
+    /// A disk: a virtio-blk PCI device over a raw or qcow2 image. Keys: file, format=raw|qcow2,
+    /// if=virtio|none, cache=writeback|none|writethrough|directsync|unsafe,
+    /// aio=threads|native|io_uring, readonly=on|off, discard=unmap|ignore, serial, id,
+    /// snapshot=on|off (see docs/disks.md)
+    #[arg(
+        long,
+        value_name = "file=PATH[,format=F][,cache=MODE][,readonly=on][,...]"
+    )]
+    pub drive: Vec<String>,
+    /// A virtio disk from an image (like -drive file=PATH)
+    #[arg(long, value_name = "PATH")]
+    pub hda: Option<PathBuf>,
+    /// Write to temporary overlays; the disk images stay unchanged
+    #[arg(long)]
+    pub snapshot: bool,
+    /// A device: virtio-rng-pci, or virtio-blk-pci,drive=ID for an if=none drive
+    #[arg(long, value_name = "DRIVER[,prop=value...]")]
+    pub device: Vec<String>,
     /// Disk image (raw or qcow2) to boot from when no -kernel is given
     #[arg(value_name = "IMAGE")]
     pub image: Option<PathBuf>,

@@ -2,7 +2,7 @@
 //! on the disk (vcore::boot::disk) and boot them like `-kernel`;
 //! `--print-boot` shows them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
@@ -11,12 +11,48 @@ use vcore::image::{self, OpenOptions};
 
 use crate::cli::Output;
 
+/// The disk to boot when there is no `-kernel`: the positional IMAGE (which
+/// is also `-hda`), else `-hda`, else the `-drive` with `index=0`, else the
+/// first `-drive` the guest sees. `None` when there are no disks.
+pub fn boot_disk(
+    image: Option<&Path>,
+    hda: Option<&Path>,
+    drives: &[String],
+) -> Result<Option<(PathBuf, Option<image::Format>)>, String> {
+    if let (Some(i), Some(h)) = (image, hda) {
+        return Err(format!(
+            "both IMAGE {} and -hda {} name the first disk; give one",
+            i.display(),
+            h.display()
+        ));
+    }
+    if let Some(p) = image.or(hda) {
+        return Ok(Some((p.to_path_buf(), None)));
+    }
+    let mut first = None;
+    for s in drives {
+        let d = crate::drive::parse_drive(s)?;
+        let (_, kv) = vcore::qemuopts::split(s);
+        if kv.iter().any(|(k, v)| k == "index" && v == "0") {
+            return Ok(Some((d.file, d.format)));
+        }
+        if first.is_none() && !d.if_none {
+            first = Some((d.file, d.format));
+        }
+    }
+    Ok(first)
+}
+
 /// Open `path` read-only (shared with other users, like `qemu-img -U`) and
 /// find what to boot on it.
-pub fn find(path: &Path) -> anyhow::Result<(BootEntry, image::Format)> {
+pub fn find(
+    path: &Path,
+    format: Option<image::Format>,
+) -> anyhow::Result<(BootEntry, image::Format)> {
     let opts = OpenOptions {
         read_only: true,
         force_share: true,
+        format,
         ..Default::default()
     };
     let dev = image::open(path, &opts).map_err(|e| anyhow!("{e}"))?;
@@ -98,7 +134,11 @@ pub fn print(
                 e.kernel.len()
             );
             match &e.initrd {
-                Some(d) => println!("initrd:    {} ({} bytes)", e.initrd_paths.join(" + "), d.len()),
+                Some(d) => println!(
+                    "initrd:    {} ({} bytes)",
+                    e.initrd_paths.join(" + "),
+                    d.len()
+                ),
                 None => println!("initrd:    none"),
             }
             println!("cmdline:   {cmdline}");

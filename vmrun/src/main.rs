@@ -1,6 +1,7 @@
 mod cli;
 mod console;
 mod diskboot;
+mod drive;
 mod run;
 
 fn main() {

@@ -99,7 +99,10 @@ fn run(cli: Cli) -> Result<i32, Failure> {
     // The kernel: -kernel, or the one the boot disk's configuration names.
     let serial_console = !matches!(cli.serial.as_deref(), Some("null" | "none"));
     let mut _staged = None;
-    let (kernel, initrd, cmdline) = match (&cli.kernel, &cli.image) {
+    let boot_disk =
+        crate::diskboot::boot_disk(cli.image.as_deref(), cli.hda.as_deref(), &cli.drive)
+            .map_err(Failure::Usage)?;
+    let (kernel, initrd, cmdline) = match (&cli.kernel, &boot_disk) {
         (Some(k), _) if !cli.print_boot => (
             k.clone(),
             cli.initrd.clone(),
@@ -112,14 +115,14 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                     .into(),
             ))
         }
-        (None, Some(image)) => {
+        (None, Some((image, image_format))) => {
             if let Some(i) = &cli.initrd {
                 return Err(Failure::Usage(format!(
                     "-initrd {}: an initrd needs -kernel (the disk's boot entry names its own)",
                     i.display()
                 )));
             }
-            let (entry, format) = crate::diskboot::find(image)?;
+            let (entry, format) = crate::diskboot::find(image, *image_format)?;
             let cmdline =
                 crate::diskboot::cmdline(&entry.cmdline, cli.append.as_deref(), serial_console);
             if cli.print_boot {
@@ -137,8 +140,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             return Err(Failure::Usage(if cli.print_boot {
                 "--print-boot needs a disk IMAGE".into()
             } else {
-                "no kernel or disk image given: use -kernel FILE, or give a disk IMAGE to boot"
-                    .into()
+                "no kernel given: use -kernel FILE, or give a disk IMAGE to boot".into()
             }))
         }
     };
@@ -189,6 +191,14 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             pvm::LINUX_PARAMS
         );
     }
+    let devices = crate::drive::parse_devices(&cli.device).map_err(Failure::Usage)?;
+    // The positional IMAGE is the first disk, like QEMU's (-hda).
+    let hda = cli.hda.as_deref().or(cli.image.as_deref());
+    let disks =
+        crate::drive::open_all(hda, &cli.drive, &devices, cli.snapshot).map_err(|e| match e {
+            crate::drive::DriveError::Usage(m) => Failure::Usage(m),
+            crate::drive::DriveError::Open(m) => Failure::Runtime(anyhow!(m)),
+        })?;
     let _raw = (cli.nographic && stdio_console).then(console::RawTerminal::enable);
     let mut serial_out = Some(serial_out);
     loop {
@@ -209,6 +219,8 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             kernel_cache: vcore::boot::decompress::cache_dir(),
             serial: serial_out.take().unwrap_or(SerialOut::Stdout),
             pvm_quirks,
+            disks: disks.iter().map(|d| d.spec.clone()).collect(),
+            rng: devices.rng,
         };
         let vm = Vm::new(cfg).map_err(|e| anyhow!(e))?;
         if stdio_console {

@@ -57,6 +57,10 @@ pub struct VmConfig {
     pub serial: SerialOut,
     /// Apply the nested-PVM workarounds (see [`pvm`]).
     pub pvm_quirks: bool,
+    /// virtio-blk disks on PCI (see [`crate::devices::virtio`]).
+    pub disks: Vec<crate::devices::virtio::DiskSpec>,
+    /// A virtio-rng device on PCI.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -151,6 +155,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     markers: Markers,
     pvm_quirks: bool,
+    pci: crate::devices::virtio::PciDevices,
     /// What was loaded, for reports.
     pub loaded: boot::Loaded,
     /// The command line the kernel got.
@@ -259,6 +264,10 @@ impl Vm {
         pio.insert(MARKER_PORT, 1, Arc::new(Mutex::new(markers.clone())))
             .map_err(dev_err)?;
 
+        // PCI root bus and virtio devices (MSI-X routes need the irqchip).
+        let pci = crate::devices::virtio::attach(&vm_fd, &mem, &pio, &mmio, &cfg.disks, cfg.rng)
+            .map_err(VmError::Device)?;
+
         // CPUID table for the model.
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -322,6 +331,7 @@ impl Vm {
             serial,
             markers,
             pvm_quirks: cfg.pvm_quirks,
+            pci,
             loaded,
             cmdline,
         })
@@ -426,6 +436,7 @@ impl Vm {
             }
             let _ = h.join();
         }
+        self.pci.shutdown();
         if let Ok(mut s) = self.serial.lock() {
             s.flush();
         }

@@ -485,8 +485,12 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
             (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
                 let na = a.iter().take_while(|c| c.is_ascii_digit()).count();
                 let nb = b.iter().take_while(|c| c.is_ascii_digit()).count();
-                let da = std::str::from_utf8(&a[..na]).unwrap_or("0").trim_start_matches('0');
-                let db = std::str::from_utf8(&b[..nb]).unwrap_or("0").trim_start_matches('0');
+                let da = std::str::from_utf8(&a[..na])
+                    .unwrap_or("0")
+                    .trim_start_matches('0');
+                let db = std::str::from_utf8(&b[..nb])
+                    .unwrap_or("0")
+                    .trim_start_matches('0');
                 let o = da.len().cmp(&db.len()).then(da.cmp(db));
                 if o != Ordering::Equal {
                     return o;
@@ -535,9 +539,10 @@ pub fn bls_default(mut entries: Vec<BlsEntry>, loader_conf: Option<&str>) -> Opt
             let mut it = line.split_whitespace();
             if it.next() == Some("default") {
                 if let Some(p) = it.next() {
-                    if let Some(e) = entries.iter().find(|e| {
-                        glob(p, &e.file) || glob(p, e.file.trim_end_matches(".conf"))
-                    }) {
+                    if let Some(e) = entries
+                        .iter()
+                        .find(|e| glob(p, &e.file) || glob(p, e.file.trim_end_matches(".conf")))
+                    {
                         return Some(e.clone());
                     }
                 }
@@ -566,7 +571,10 @@ mod tests {
         };
         assert_eq!(e.initrds, ["i1", "i2"]);
         assert_eq!(e.options, "x=1");
-        assert!(matches!(extlinux("DEFAULT x\nLABEL y\nKERNEL k\n"), Parsed::None(_)));
+        assert!(matches!(
+            extlinux("DEFAULT x\nLABEL y\nKERNEL k\n"),
+            Parsed::None(_)
+        ));
     }
 
     #[test]
@@ -600,13 +608,19 @@ submenu 'Advanced' {
         assert_eq!(e.initrds, ["/boot/i4", "/boot/ucode"]);
         assert_eq!(e.root, Some(RootHint::Uuid("1111-2222".into())));
         let t2 = t.replace("2>1", "1");
-        let Parsed::Entry(e) = grub(&t2) else { panic!() };
+        let Parsed::Entry(e) = grub(&t2) else {
+            panic!()
+        };
         assert_eq!(e.root, Some(RootHint::Part(3)));
         let t3 = t.replace("2>1", "Debian");
-        let Parsed::Entry(e) = grub(&t3) else { panic!() };
+        let Parsed::Entry(e) = grub(&t3) else {
+            panic!()
+        };
         assert_eq!(e.options, "root=UUID=abc ro quiet");
         let t4 = t.replace("set default=\"2>1\"", "set default=\"gnulinux-simple\"");
-        let Parsed::Entry(e) = grub(&t4) else { panic!() };
+        let Parsed::Entry(e) = grub(&t4) else {
+            panic!()
+        };
         assert_eq!(e.kernel, "/boot/vmlinuz-6.1");
         let cf = "search.fs_uuid 0a-1b root hd0,gpt2\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n";
         assert_eq!(
@@ -621,7 +635,10 @@ submenu 'Advanced' {
     #[test]
     fn bls_order_and_default() {
         let a = bls_entry("a-6.1.conf", "title A\nversion 6.1.0\nlinux /vmlinuz-6.1\noptions x\noptions y\ninitrd /i1\ninitrd /i2\n");
-        let b = bls_entry("a-6.10.conf", "title B\nversion 6.10.0\nlinux /vmlinuz-6.10\n");
+        let b = bls_entry(
+            "a-6.10.conf",
+            "title B\nversion 6.10.0\nlinux /vmlinuz-6.10\n",
+        );
         let d = bls_default(vec![a.clone(), b.clone()], None).unwrap();
         assert_eq!(d.entry.title, "B");
         assert_eq!(a.entry.options, "x y");

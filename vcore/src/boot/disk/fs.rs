@@ -290,7 +290,9 @@ impl Fs {
             Fs::Ext { fs, .. } => fs.exists(path).unwrap_or(false),
             Fs::Fat(f) => {
                 let p = path.trim_start_matches('/');
-                p.is_empty() || f.root_dir().open_file(p).is_ok() || f.root_dir().open_dir(p).is_ok()
+                p.is_empty()
+                    || f.root_dir().open_file(p).is_ok()
+                    || f.root_dir().open_dir(p).is_ok()
             }
         }
     }

@@ -36,7 +36,9 @@ pub enum DiskBootError {
     NoKernel { looked: Vec<String> },
     #[error("{path} on partition {number} is a 32-bit kernel; vmrun boots 64-bit guests only")]
     Kernel32 { path: String, number: u32 },
-    #[error("{path} on partition {number} is not a Linux kernel (neither a bzImage nor an ELF vmlinux)")]
+    #[error(
+        "{path} on partition {number} is not a Linux kernel (neither a bzImage nor an ELF vmlinux)"
+    )]
     NotKernel { path: String, number: u32 },
 }
 
@@ -95,7 +97,11 @@ impl Part {
         PartInfo {
             number: self.p.number,
             table,
-            fs: self.fs.as_ref().map(|f| f.kind().to_string()).unwrap_or_default(),
+            fs: self
+                .fs
+                .as_ref()
+                .map(|f| f.kind().to_string())
+                .unwrap_or_default(),
             uuid: self.fs.as_ref().map(Fs::uuid).unwrap_or_default(),
             partuuid: self.p.partuuid.clone(),
             size: self.p.size,
@@ -219,7 +225,11 @@ impl Ctx<'_> {
     }
 
     fn label(&self, i: usize) -> String {
-        format!("partition {} ({})", self.parts[i].p.number, self.fs(i).kind())
+        format!(
+            "partition {} ({})",
+            self.parts[i].p.number,
+            self.fs(i).kind()
+        )
     }
 
     fn read_text(&mut self, i: usize, path: &str) -> Option<String> {
@@ -325,7 +335,8 @@ impl Ctx<'_> {
                 let e = config::bls_entry(f, &t);
                 if e.entry.kernel.is_empty() {
                     let l = self.label(i);
-                    self.looked.push(format!("{edir}/{f} on {l}: no linux line"));
+                    self.looked
+                        .push(format!("{edir}/{f} on {l}: no linux line"));
                 } else {
                     entries.push(e);
                 }
@@ -369,7 +380,8 @@ impl Ctx<'_> {
             Parsed::Bls(root) => {
                 let j = self.root_part(i, root.as_ref());
                 self.looked.push(format!("{where_}: blscfg"));
-                self.bls(j, "/boot/loader").or_else(|| self.bls(j, "/loader"))
+                self.bls(j, "/boot/loader")
+                    .or_else(|| self.bls(j, "/loader"))
             }
             Parsed::None(why) => {
                 self.looked.push(format!("{where_}: {why}"));
@@ -565,7 +577,12 @@ fn normalize(p: &str) -> String {
 /// `bzImage` or `ELF`; errors for 32-bit and non-kernels.
 fn kernel_format(k: &[u8], path: &str, number: u32) -> Result<&'static str, DiskBootError> {
     if super::decompress::is_bzimage(k) {
-        let word = |o: usize| u16::from_le_bytes([k.get(o).copied().unwrap_or(0), k.get(o + 1).copied().unwrap_or(0)]);
+        let word = |o: usize| {
+            u16::from_le_bytes([
+                k.get(o).copied().unwrap_or(0),
+                k.get(o + 1).copied().unwrap_or(0),
+            ])
+        };
         let (version, xloadflags) = (word(0x206), word(0x236));
         // Before boot protocol 2.12 the header does not say; look at the
         // ELF class of the compressed kernel.
