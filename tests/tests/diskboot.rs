@@ -372,6 +372,23 @@ fn print_boot_human_output_append_console_and_backing_chain() {
         "{j}"
     );
 
+    // The boot disk can also be -hda, or the -drive with index=0.
+    let j = print_boot_json(Path::new(p), &["-hda"]);
+    assert_eq!(j["kernel_path"], format!("/boot/vmlinuz-{rel}"));
+    let drive0 = format!("file={p},format=qcow2,index=0");
+    let (code, out, err) = vmrun(&[
+        "--print-boot",
+        "-drive",
+        "file=/nonexistent/data.img,format=raw",
+        "-drive",
+        &drive0,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("image:     {p} (qcow2)\n")), "{out}");
+    let (code, _, err) = vmrun(&["--print-boot", "-hda", p, p]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("name the first disk; give one"), "{err}");
+
     // A qcow2 overlay reads through to its backing file.
     let over = tmp.path().join("overlay.qcow2");
     sh(&format!(
