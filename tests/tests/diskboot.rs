@@ -640,3 +640,56 @@ fn linux_boots_from_a_qcow2_gpt_extlinux_disk() {
         );
     }
 }
+
+/// GRUB legacy on a separate ext2 /boot partition (an older distribution's
+/// layout): menu.lst's `root (hd0,0)` and paths relative to /boot; the bare
+/// vmlinuz fallback on the same layout picks the root partition by /etc/fstab.
+#[test]
+fn grub_legacy_on_a_separate_boot_partition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let k = guest().join("bzImage");
+    let build = |name: &str, menu: bool| -> PathBuf {
+        let img = d.join(name);
+        sh(&format!(
+            "d={d}/{name}.d; img={img}; mkdir -p $d/boot/grub $d/root/etc
+             cp {k} $d/boot/vmlinuz-6.1.0-2-amd64
+             echo initrd > $d/boot/initrd.img-6.1.0-2-amd64
+             {menu}
+             echo '/dev/vda2 / ext4 defaults 0 1' > $d/root/etc/fstab
+             truncate -s 16M $d/boot.img $d/root.img
+             mkfs.ext2 -q -F -d $d/boot $d/boot.img >/dev/null
+             mkfs.ext4 -q -F -d $d/root $d/root.img >/dev/null
+             truncate -s 34M $img
+             printf 'label: dos\\nlabel-id: 0x12345678\\nstart=2048, size=32768, bootable\\nstart=34816, size=32768\\n' | sfdisk -q $img >/dev/null
+             dd if=$d/boot.img of=$img bs=1M seek=1 conv=notrunc status=none
+             dd if=$d/root.img of=$img bs=1M seek=17 conv=notrunc status=none",
+            d = d.display(),
+            img = img.display(),
+            k = k.display(),
+            menu = if menu {
+                "printf 'default 0\\ntimeout 5\\n\\ntitle Debian GNU/Linux, kernel 6.1.0-2-amd64\\nroot (hd0,0)\\nkernel /vmlinuz-6.1.0-2-amd64 root=/dev/vda2 ro quiet\\ninitrd /initrd.img-6.1.0-2-amd64\\n' > $d/boot/grub/menu.lst"
+            } else {
+                ""
+            }
+        ));
+        img
+    };
+    let j = print_boot_json(&build("legacy.img", true), &[]);
+    assert_eq!(j["method"], "grub-legacy", "{j}");
+    assert_eq!(j["config"], "/grub/menu.lst on partition 1 (ext2)", "{j}");
+    assert_eq!(j["partition"]["fs"], "ext2", "{j}");
+    assert_eq!(j["kernel_path"], "/vmlinuz-6.1.0-2-amd64", "{j}");
+    assert_eq!(j["initrd_paths"][0], "/initrd.img-6.1.0-2-amd64", "{j}");
+    assert_eq!(j["initrd_size"], 7, "{j}");
+    assert_eq!(j["cmdline"], "root=/dev/vda2 ro quiet console=ttyS0", "{j}");
+
+    let j = print_boot_json(&build("bare.img", false), &[]);
+    assert_eq!(j["method"], "vmlinuz", "{j}");
+    assert_eq!(j["kernel_path"], "/vmlinuz-6.1.0-2-amd64", "{j}");
+    assert_eq!(j["partition"]["number"], 1, "{j}");
+    assert_eq!(
+        j["cmdline"], "root=PARTUUID=12345678-02 ro console=ttyS0",
+        "{j}"
+    );
+}

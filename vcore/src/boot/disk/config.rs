@@ -429,6 +429,66 @@ pub fn grub(text: &str) -> Parsed {
     Parsed::Entry(e.entry.clone())
 }
 
+/// Parse GRUB legacy `menu.lst` / `grub.conf`: `default N` (0-based),
+/// `title`, `root (hd0,N)` (0-based partition), `kernel PATH ARGS`, `initrd`.
+pub fn grub_legacy(text: &str) -> Parsed {
+    let mut default = 0usize;
+    let mut global_root = None;
+    let mut entries: Vec<Entry> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let (kw, rest) = match line.split_once(|c: char| c.is_whitespace() || c == '=') {
+            Some((k, r)) => (k, r.trim()),
+            None => (line, ""),
+        };
+        match kw {
+            "default" => default = rest.parse().unwrap_or(0),
+            "title" => entries.push(Entry {
+                title: rest.to_string(),
+                root: global_root.clone(),
+                ..Default::default()
+            }),
+            "root" => {
+                let part = rest
+                    .trim_matches(|c| c == '(' || c == ')')
+                    .split(',')
+                    .nth(1)
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+                    .map(|n| RootHint::Part(n + 1));
+                match entries.last_mut() {
+                    Some(e) => e.root = part,
+                    None => global_root = part,
+                }
+            }
+            "kernel" => {
+                if let Some(e) = entries.last_mut() {
+                    let mut it = rest.split_whitespace();
+                    e.kernel = it.next().unwrap_or("").to_string();
+                    e.options = it.collect::<Vec<_>>().join(" ");
+                }
+            }
+            "initrd" => {
+                if let Some(e) = entries.last_mut() {
+                    e.initrds = rest
+                        .split_whitespace()
+                        .take(1)
+                        .map(str::to_string)
+                        .collect();
+                }
+            }
+            _ => {}
+        }
+    }
+    match entries.get(default).or(entries.first()) {
+        Some(e) if !e.kernel.is_empty() => Parsed::Entry(e.clone()),
+        Some(e) => Parsed::None(format!("entry '{}' has no kernel line", e.title)),
+        None => Parsed::None("no title entries".into()),
+    }
+}
+
 // --------------------------------------------------------------------- BLS
 
 /// One BLS entry file.
@@ -630,6 +690,19 @@ submenu 'Advanced' {
                 Some(RootHint::Uuid("0a-1b".into()))
             )
         );
+    }
+
+    #[test]
+    fn grub_legacy_menu_lst() {
+        let t = "default=1\ntimeout 5\ntitle A\nroot (hd0,0)\nkernel /boot/a ro\ntitle B\n\troot (hd0,1)\n\tkernel /vmlinuz-3.2 root=/dev/sda2 ro quiet\n\tinitrd /initrd.img-3.2\n";
+        let Parsed::Entry(e) = grub_legacy(t) else {
+            panic!()
+        };
+        assert_eq!(e.title, "B");
+        assert_eq!(e.kernel, "/vmlinuz-3.2");
+        assert_eq!(e.options, "root=/dev/sda2 ro quiet");
+        assert_eq!(e.initrds, ["/initrd.img-3.2"]);
+        assert_eq!(e.root, Some(RootHint::Part(2)));
     }
 
     #[test]

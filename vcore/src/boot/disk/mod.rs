@@ -133,6 +133,13 @@ const GRUB: &[&str] = &[
     "/grub2/grub.cfg",
 ];
 
+const GRUB_LEGACY: &[&str] = &[
+    "/boot/grub/menu.lst",
+    "/grub/menu.lst",
+    "/boot/grub/grub.conf",
+    "/grub/grub.conf",
+];
+
 /// Find what to boot on `dev`.
 pub fn find_boot(dev: Arc<dyn BlockDevice>) -> Result<BootEntry, DiskBootError> {
     let table = match partitions::read_table(&*dev) {
@@ -265,6 +272,32 @@ impl Ctx<'_> {
                     if let Some(e) = self.finish(f)? {
                         return Ok(e);
                     }
+                }
+            }
+        }
+        // 2b. GRUB legacy.
+        for i in 0..n {
+            for path in GRUB_LEGACY {
+                let Some(text) = self.read_text(i, path) else {
+                    continue;
+                };
+                let where_ = format!("{} on {}", path, self.label(i));
+                match config::grub_legacy(&text) {
+                    Parsed::Entry(entry) => {
+                        let part = self.root_part(i, entry.root.as_ref());
+                        let f = Found {
+                            method: "grub-legacy",
+                            config: Some(where_),
+                            entry,
+                            part,
+                            base: String::new(),
+                        };
+                        if let Some(e) = self.finish(f)? {
+                            return Ok(e);
+                        }
+                    }
+                    Parsed::None(why) => self.looked.push(format!("{where_}: {why}")),
+                    _ => {}
                 }
             }
         }
