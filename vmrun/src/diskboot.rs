@@ -143,7 +143,7 @@ pub fn print(
             }
             println!("cmdline:   {cmdline}");
             for l in &e.looked_at {
-                println!("skipped:   {l}");
+                println!("note:      {l}");
             }
         }
     }

@@ -14,6 +14,8 @@ pub struct Slice {
     start: u64,
     len: u64,
     pos: u64,
+    /// A superblock (bytes 1024..2048) shown instead of the one on disk.
+    sb_patch: Option<Arc<Vec<u8>>>,
 }
 
 impl Slice {
@@ -24,6 +26,7 @@ impl Slice {
             start,
             len,
             pos: 0,
+            sb_patch: None,
         }
     }
 
@@ -62,7 +65,17 @@ impl ext4_view::Ext4Read for Slice {
         start_byte: u64,
         dst: &mut [u8],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
-        self.read_exact_at(dst, start_byte).map_err(|e| e.into())
+        self.read_exact_at(dst, start_byte)?;
+        if let Some(sb) = &self.sb_patch {
+            // Overlay bytes 1024..2048 with the patched superblock.
+            let end = start_byte + dst.len() as u64;
+            let (lo, hi) = (start_byte.max(1024), end.min(2048));
+            if lo < hi {
+                let d = &mut dst[(lo - start_byte) as usize..(hi - start_byte) as usize];
+                d.copy_from_slice(&sb[(lo - 1024) as usize..(hi - 1024) as usize]);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -199,6 +212,39 @@ pub fn probe(s: &Slice) -> Probe {
     Probe::Unknown
 }
 
+/// CRC32C as ext4 stores it (no final inversion).
+fn crc32c_raw(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
+        }
+    }
+    c
+}
+
+/// The superblock with `needs_recovery` cleared (checksum updated), so the
+/// filesystem reads as last checkpointed, like `mount -o ro,noload`.
+/// `None` when the flag is not set.
+fn noload_superblock(s: &Slice) -> Option<Vec<u8>> {
+    let mut sb = at(s, 1024, 1024)?;
+    if sb[0x60] & 0x4 == 0 {
+        return None;
+    }
+    sb[0x60] &= !0x4;
+    let ro_compat = u32::from_le_bytes([sb[0x64], sb[0x65], sb[0x66], sb[0x67]]);
+    if ro_compat & 0x400 != 0 {
+        let c = crc32c_raw(&sb[..0x3fc]);
+        sb[0x3fc..].copy_from_slice(&c.to_le_bytes());
+    }
+    Some(sb)
+}
+
 /// A mounted (read-only) filesystem.
 pub enum Fs {
     Ext {
@@ -213,16 +259,38 @@ pub type ReadResult = Result<Option<Vec<u8>>, String>;
 
 impl Fs {
     /// Open the filesystem the probe found.
-    pub fn open(s: &Slice, probe: &Probe) -> Result<Fs, String> {
+    /// The note says when the ext journal could not be replayed and the
+    /// filesystem is read as last checkpointed.
+    pub fn open(s: &Slice, probe: &Probe) -> Result<(Fs, Option<String>), String> {
         match probe {
-            Probe::Ext(kind) => ext4_view::Ext4::load(Box::new(s.clone()))
-                .map(|fs| Fs::Ext { fs, kind })
-                .map_err(|e| format!("cannot read the {kind} filesystem: {e}")),
+            Probe::Ext(kind) => match ext4_view::Ext4::load(Box::new(s.clone())) {
+                Ok(fs) => Ok((Fs::Ext { fs, kind }, None)),
+                Err(e) => {
+                    let err = format!("cannot read the {kind} filesystem: {e}");
+                    // A guest that stopped without unmounting leaves a
+                    // journal to replay; ext4-view replays only 64-bit,
+                    // checksum-v3 journals. Read without it.
+                    let Some(sb) = noload_superblock(s) else {
+                        return Err(err);
+                    };
+                    let mut s2 = s.clone();
+                    s2.sb_patch = Some(Arc::new(sb));
+                    ext4_view::Ext4::load(Box::new(s2))
+                        .map(|fs| {
+                            let note = format!(
+                                "the {kind} journal needs recovery and cannot be replayed \
+                                 ({e}); read as last checkpointed (like mount -o noload)"
+                            );
+                            (Fs::Ext { fs, kind }, Some(note))
+                        })
+                        .map_err(|_| err)
+                }
+            },
             Probe::Fat => {
                 let mut s = s.clone();
                 s.pos = 0;
                 fatfs::FileSystem::new(s, fatfs::FsOptions::new())
-                    .map(|f| Fs::Fat(Box::new(f)))
+                    .map(|f| (Fs::Fat(Box::new(f)), None))
                     .map_err(|e| format!("cannot read the FAT filesystem: {e}"))
             }
             Probe::Unsupported(n) => Err(format!("unsupported filesystem {n}")),

@@ -177,7 +177,10 @@ pub fn find_boot(dev: Arc<dyn BlockDevice>) -> Result<BootEntry, DiskBootError> 
             if p.esp { ", EFI system" } else { "" }
         );
         match Fs::open(&s, &probe) {
-            Ok(f) => {
+            Ok((f, note)) => {
+                if let Some(n) = note {
+                    looked.push(format!("{what}: {n}"));
+                }
                 parts.push(Part {
                     p: p.clone(),
                     fs: Some(f),
