@@ -36,17 +36,14 @@ if [ ! -f text1g.raw ]; then
         head -c $((1 << 30)) > text1g.raw || true
 fi
 
-# median wall time in seconds of: "$@" (run RUNS times, `pre` command first)
+# median of RUNS runs of "$@" (after running `pre`): "wall cpu" seconds
 median() {
     local pre=$1; shift
     local ts=()
     for _ in $(seq "$RUNS"); do
         eval "$pre"
-        local t0 t1
-        t0=$(date +%s.%N)
-        "$@" >/dev/null 2>&1 || { echo "FAILED: $*" >&2; }
-        t1=$(date +%s.%N)
-        ts+=("$(echo "$t1 - $t0" | bc)")
+        /usr/bin/time -f "%e %U %S" -o /tmp/vimg-bench-time "$@" >/dev/null 2>&1 || echo "FAILED: $*" >&2
+        ts+=("$(awk '{printf "%.3f %.3f", $1, $2 + $3}' /tmp/vimg-bench-time)")
     done
     printf '%s\n' "${ts[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"
 }
@@ -56,10 +53,12 @@ row() {
     local q v
     q=$(median "$pre" "$QEMU_IMG" "$@")
     v=$(median "$pre" "$VIMG" "$@")
-    printf '%-52s %9.3f %9.3f %7.2f\n' "$name" "$q" "$v" "$(echo "$v / $q" | bc -l)"
+    set -- $q $v
+    printf '%-46s %8.3f %8.3f %6.2f | %7.3f %7.3f %6.2f\n' "$name" "$1" "$3" \
+        "$(echo "$3 / $1" | bc -l)" "$2" "$4" "$(echo "($4 + 0.0005) / ($2 + 0.0005)" | bc -l)"
 }
 
-printf '%-52s %9s %9s %7s\n' "command" "qemu-img" "vimg" "ratio"
+printf '%-46s %8s %8s %6s | %7s %7s %6s\n' "command (wall s | cpu s)" "qemu-img" "vimg" "ratio" "qemu" "vimg" "ratio"
 row "info img.qcow2 (20G, 512M data)" ":" info img.qcow2
 row "check img.qcow2" ":" check img.qcow2
 row "map --output=json img.qcow2" ":" map --output=json img.qcow2
