@@ -33,14 +33,19 @@ prep() { # a fresh, synced copy for write runs (no dirty pages from the copy)
     fi
 }
 
-best() { # best (lowest) time of $runs runs of "$@"
-    local b=""
+# Interleaved runs (vcore, qemu-img, vcore, ...) so both see the same host
+# load; the best (lowest) time of each. Sets tv and tq.
+compare() {
+    tv=""; tq=""
+    local t
     for _ in $(seq "$runs"); do
         prep
-        t=$("$@" | secs)
-        if [ -z "$b" ] || awk "BEGIN{exit !($t < $b)}"; then b=$t; fi
+        t=$("$bb" "${nflag[@]}" "${args[@]}" "$img" | secs)
+        if [ -z "$tv" ] || awk "BEGIN{exit !($t < $tv)}"; then tv=$t; fi
+        prep
+        t=$(qemu-img bench -t "$cache" -i threads "${args[@]}" "$img" | secs)
+        if [ -z "$tq" ] || awk "BEGIN{exit !($t < $tq)}"; then tq=$t; fi
     done
-    echo "$b"
 }
 
 qemu-img create -q -f raw -o preallocation=full "$dir/base.raw" "$size"
@@ -58,8 +63,7 @@ for cache in writeback none; do
             img=$dir/w.$fmt
         fi
         args=(-c "$count" -d "$depth" -f "$fmt" -s 4096 -S "$step" "${w[@]}")
-        tv=$(best "$bb" "${nflag[@]}" "${args[@]}" "$img")
-        tq=$(best qemu-img bench -t "$cache" -i threads "${args[@]}" "$img")
+        compare
         awk -v m="$cache" -v f="$fmt" -v o="$op" -v c="$count" -v a="$tv" -v b="$tq" \
             'BEGIN{printf "%-10s %-6s %-5s %12.0f %12.0f %6.2fx\n", m, f, o, c/a, c/b, b/a}'
         rm -f "$dir/w.$fmt"
