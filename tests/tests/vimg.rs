@@ -696,6 +696,43 @@ fn convert_compare_snapshot_amend_produce_valid_images() {
             std::fs::remove_file(e.p().join(&out)).unwrap();
         }
     }
+    // Repeats further apart than QEMU's 4 KiB inflate window (windowBits
+    // -12): a compressor using a larger window would produce clusters
+    // qemu-img cannot read.
+    let mut far = Vec::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let block: Vec<u8> = (0..8192)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for _ in 0..64 {
+        far.extend_from_slice(&block);
+        far.extend_from_slice(&[0x5a; 100]);
+        far.extend_from_slice(&block[..4000]);
+    }
+    far.resize(far.len().next_multiple_of(65536), 0);
+    std::fs::write(e.p().join("far.raw"), &far).unwrap();
+    for o in ["compression_type=zlib", "compression_type=zstd"] {
+        let v = e.v(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            o,
+            "far.raw",
+            "far.qcow2",
+        ]);
+        assert_eq!(v.rc, 0, "{}", v.stderr);
+        e.identical("far.raw", "far.qcow2");
+        e.check_clean("far.qcow2");
+    }
     // -B keeps the backing file.
     let v = e.v(&[
         "convert",

@@ -10,7 +10,6 @@ use super::meta::{self, Header, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::image::raw::pread_full;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 /// Appending writer (see module docs).
@@ -27,22 +26,6 @@ pub struct SeqWriter {
 
 fn io(e: std::io::Error) -> String {
     e.to_string()
-}
-
-/// Compress one cluster like QEMU (zlib: raw deflate, window 2^12 not
-/// required for reading; zstd: one frame). `None` when it does not shrink.
-pub fn compress(ctype: u8, data: &[u8]) -> Option<Vec<u8>> {
-    let out = if ctype == 1 {
-        zstd::bulk::compress(data, 0).ok()?
-    } else {
-        let mut e = flate2::write::DeflateEncoder::new(
-            Vec::with_capacity(data.len() / 2),
-            flate2::Compression::default(),
-        );
-        e.write_all(data).ok()?;
-        e.finish().ok()?
-    };
-    (out.len() < data.len().saturating_sub(512).max(1)).then_some(out)
 }
 
 impl SeqWriter {
@@ -143,7 +126,11 @@ impl SeqWriter {
     }
 
     /// Write the metadata and make the data visible.
-    pub fn finish(mut self) -> Result<(), String> {
+    /// With `sync`, the refcount structures, the header switch and the L1
+    /// table are each made durable before the next step (power-loss
+    /// safe); without it (qemu-img's `cache=unsafe` for convert) the write
+    /// order alone keeps a killed process from leaving corruption.
+    pub fn finish(mut self, sync: bool) -> Result<(), String> {
         let cs = self.h.cluster_size();
         // Pad the file so that sector-rounded compressed extents stay inside.
         let data_end = self.end.next_multiple_of(512);
@@ -210,16 +197,22 @@ impl SeqWriter {
         }
         let rt_off = (start + n_rb) * cs;
         meta::write_table(&self.f, rt_off, &reftable).map_err(io)?;
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         let mut fields = Vec::with_capacity(12);
         fields.extend_from_slice(&rt_off.to_be_bytes());
         fields.extend_from_slice(&(n_rt as u32).to_be_bytes());
         self.f.write_all_at(&fields, 48).map_err(io)?;
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         if !l1.is_empty() {
             meta::write_table(&self.f, self.h.l1_table_offset, &l1).map_err(io)?;
         }
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         Ok(())
     }
 }
