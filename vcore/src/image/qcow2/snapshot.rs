@@ -36,149 +36,6 @@ fn l1_bytes(t: &[u64]) -> Vec<u8> {
     t.iter().flat_map(|e| e.to_be_bytes()).collect()
 }
 
-/// Write the snapshot table and switch the header to it.
-fn write_table(f: &File, h: &Header, snaps: &[Snapshot]) -> Result<(), String> {
-    let (off, n) = if snaps.is_empty() {
-        (0, 0u32)
-    } else {
-        (
-            append(f, h, &meta::serialize_snapshots(snaps))?,
-            snaps.len() as u32,
-        )
-    };
-    f.sync_data().map_err(io)?;
-    let mut b = Vec::with_capacity(12);
-    b.extend_from_slice(&n.to_be_bytes());
-    b.extend_from_slice(&off.to_be_bytes());
-    f.write_all_at(&b, 60).map_err(io)?;
-    f.sync_data().map_err(io)
-}
-
-/// Pending on-disk refcount changes, applied refcount block by block.
-/// Used to raise refcounts *before* a header switch makes new references
-/// live, so a crash at any point leaves leaks, never corruption.
-struct Deltas {
-    d: std::collections::BTreeMap<u64, i64>,
-}
-
-impl Deltas {
-    fn new() -> Self {
-        Deltas {
-            d: std::collections::BTreeMap::new(),
-        }
-    }
-    fn add(&mut self, cluster: u64, v: i64) {
-        *self.d.entry(cluster).or_insert(0) += v;
-    }
-    fn add_range(&mut self, h: &Header, off: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let cs = h.cluster_size();
-        for c in off / cs..=(off + len - 1) / cs {
-            self.add(c, 1);
-        }
-    }
-    /// Every L2 table and data cluster reachable from an L1 table, +1.
-    fn add_tree(&mut self, f: &File, h: &Header, l1: &[u64]) -> Result<(), String> {
-        let cs = h.cluster_size();
-        let esz = h.l2_entry_size() as usize;
-        for e in l1 {
-            let l2 = e & OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            self.add(l2 / cs, 1);
-            let mut t = vec![0u8; cs as usize];
-            pread_full(f, &mut t, l2).map_err(io)?;
-            for i in 0..h.l2_entries() as usize {
-                let v = u64::from_be_bytes(t[i * esz..i * esz + 8].try_into().unwrap_or([0; 8]));
-                if v & meta::OFLAG_COMPRESSED != 0 {
-                    let (co, csz) = meta::compressed_extent(h, v);
-                    self.add_range(h, co, csz);
-                } else if v & OFFSET_MASK != 0 {
-                    self.add((v & OFFSET_MASK) / cs, 1);
-                }
-            }
-        }
-        Ok(())
-    }
-    /// Apply to the on-disk refcount blocks. Fails (changing nothing) when
-    /// a cluster is not covered by an existing refcount block.
-    fn apply(self, f: &File, h: &Header) -> Result<(), String> {
-        let cs = h.cluster_size();
-        let mut rt = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
-        pread_full(f, &mut rt, h.refcount_table_offset).map_err(io)?;
-        let rt: Vec<u64> = rt
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        let bits = h.cluster_bits + 3 - h.refcount_order;
-        let block_of = |c: u64| -> Option<u64> {
-            let off = rt.get((c >> bits) as usize)? & meta::REFT_OFFSET_MASK;
-            (off != 0 && off % cs == 0).then_some(off)
-        };
-        if self.d.keys().any(|&c| block_of(c).is_none()) {
-            return Err("refcount structures must grow".into());
-        }
-        let mut cur: Option<(u64, Vec<u8>)> = None;
-        for (c, dv) in self.d {
-            let off = block_of(c).unwrap_or(0);
-            if cur.as_ref().map(|x| x.0) != Some(off) {
-                if let Some((o, b)) = cur.take() {
-                    f.write_all_at(&b, o).map_err(io)?;
-                }
-                let mut b = vec![0u8; cs as usize];
-                pread_full(f, &mut b, off).map_err(io)?;
-                cur = Some((off, b));
-            }
-            if let Some((_, b)) = cur.as_mut() {
-                let i = c & ((1u64 << bits) - 1);
-                let v = meta::refblock_get(b, h.refcount_order, i) as i64 + dv;
-                if v < 0 || v as u64 > h.refcount_max() {
-                    return Err("refcount overflow".into());
-                }
-                meta::refblock_set(b, h.refcount_order, i, v as u64);
-            }
-        }
-        if let Some((o, b)) = cur.take() {
-            f.write_all_at(&b, o).map_err(io)?;
-        }
-        f.sync_data().map_err(io)
-    }
-}
-
-/// Clear COPIED in an L1 table and its L2 tables (shared after a snapshot).
-fn clear_copied(f: &File, h: &Header, l1_off: u64, l1: &[u64]) -> Result<(), String> {
-    let cs = h.cluster_size();
-    let esz = h.l2_entry_size() as usize;
-    for e in l1 {
-        let l2 = e & OFFSET_MASK;
-        if l2 == 0 {
-            continue;
-        }
-        let mut t = vec![0u8; cs as usize];
-        pread_full(f, &mut t, l2).map_err(io)?;
-        let mut dirty = false;
-        for i in 0..h.l2_entries() as usize {
-            let p = i * esz;
-            let v = u64::from_be_bytes(t[p..p + 8].try_into().unwrap_or([0; 8]));
-            if v & OFLAG_COPIED != 0 {
-                t[p..p + 8].copy_from_slice(&(v & !OFLAG_COPIED).to_be_bytes());
-                dirty = true;
-            }
-        }
-        if dirty {
-            f.write_all_at(&t, l2).map_err(io)?;
-        }
-    }
-    let cleared: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-    if !cleared.is_empty() {
-        f.write_all_at(&l1_bytes(&cleared), l1_off).map_err(io)?;
-    }
-    f.sync_data().map_err(io)
-}
-
 fn fixup(f: &File) -> Result<(), String> {
     let r = check::check(f, Fix::ALL, &mut |_| {})?;
     if r.corruptions != 0 || r.check_errors != 0 {
@@ -206,6 +63,8 @@ pub fn create(f: &File, name: &str) -> Result<(), String> {
         return Err("Too many snapshots".into());
     }
     let l1 = read_l1(f, h.l1_table_offset, h.l1_size)?;
+    // The snapshot keeps the current L2 tables through its own L1 copy;
+    // the active state gets fresh copies (see check::commit_state).
     let copy: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
     let l1_off = if copy.is_empty() {
         0
@@ -234,27 +93,7 @@ pub fn create(f: &File, name: &str) -> Result<(), String> {
         icount: Some(0),
         extra_unknown: Vec::new(),
     });
-    // Crash-safe order: new clusters and the extra references are counted
-    // first (leaks at worst), COPIED flags cleared, then the header switch.
-    let table = meta::serialize_snapshots(&snaps);
-    let t_off = append(f, &h, &table)?;
-    let mut d = Deltas::new();
-    d.add_range(&h, l1_off, h.l1_size as u64 * 8);
-    d.add_range(&h, t_off, table.len() as u64);
-    d.add_tree(f, &h, &l1)?;
-    match d.apply(f, &h) {
-        Ok(()) => {
-            clear_copied(f, &h, h.l1_table_offset, &l1)?;
-            let mut b = Vec::with_capacity(12);
-            b.extend_from_slice(&(snaps.len() as u32).to_be_bytes());
-            b.extend_from_slice(&t_off.to_be_bytes());
-            f.write_all_at(&b, 60).map_err(io)?;
-            f.sync_data().map_err(io)?;
-        }
-        // Refcount table would have to grow: switch first, repair after.
-        Err(_) => write_table(f, &h, &snaps)?,
-    }
-    fixup(f)
+    check::commit_state(f, h.size, &l1, &snaps)
 }
 
 /// Revert the active state to a snapshot.
@@ -265,26 +104,7 @@ pub fn apply(f: &File, key: &str) -> Result<(), String> {
     let sn = &snaps[i];
     let sl1 = read_l1(f, sn.l1_table_offset, sn.l1_size)?;
     let size = sn.disk_size.unwrap_or(h.size);
-    let mut nh = h.clone();
-    nh.size = size;
-    let need = (nh.l1_entries_for(size) as u32).max(sn.l1_size);
-    let mut l1: Vec<u64> = sl1.iter().map(|e| e & !OFLAG_COPIED).collect();
-    l1.resize(need as usize, 0);
-    let l1_off = append(f, &h, &l1_bytes(&l1))?;
-    f.sync_data().map_err(io)?;
-    // Count the snapshot's tree once more before it becomes active too.
-    let mut d = Deltas::new();
-    d.add_range(&h, l1_off, need as u64 * 8);
-    d.add_tree(f, &h, &sl1)?;
-    let _ = d.apply(f, &h);
-    let mut b = Vec::new();
-    b.extend_from_slice(&size.to_be_bytes()); // @24 size
-    b.extend_from_slice(&h.crypt_method.to_be_bytes()); // @32
-    b.extend_from_slice(&need.to_be_bytes()); // @36 l1_size
-    b.extend_from_slice(&l1_off.to_be_bytes()); // @40 l1_table_offset
-    f.write_all_at(&b, 24).map_err(io)?;
-    f.sync_data().map_err(io)?;
-    fixup(f)
+    check::commit_state(f, size, &sl1, &snaps)
 }
 
 /// Delete a snapshot.
@@ -293,8 +113,8 @@ pub fn delete(f: &File, key: &str) -> Result<(), String> {
     let mut snaps = meta::read_snapshots(f, &h)?;
     let i = find(&snaps, key).ok_or("snapshot not found")?;
     snaps.remove(i);
-    write_table(f, &h, &snaps)?;
-    fixup(f)
+    let l1 = read_l1(f, h.l1_table_offset, h.l1_size)?;
+    check::commit_state(f, h.size, &l1, &snaps)
 }
 
 /// `amend`: change compat level, lazy refcounts and refcount width.
