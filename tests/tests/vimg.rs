@@ -1243,3 +1243,45 @@ fn killed_operations_leave_no_corruption() {
     }
     eprintln!("{kills} kills, no corruption");
 }
+
+/// The README runbook: create with metadata preallocation, info, resize,
+/// check — identical output to qemu-img's.
+#[test]
+fn readme_runbook_matches_qemu_img() {
+    let Some(e) = Env::new() else { return };
+    for d in ["q", "v"] {
+        std::fs::create_dir(e.p().join(d)).unwrap();
+    }
+    let steps: &[&[&str]] = &[
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "size=20G,preallocation=metadata",
+            "disk.qcow2",
+        ],
+        &["info", "disk.qcow2"],
+        &["resize", "disk.qcow2", "+5G"],
+        &["info", "--output=json", "disk.qcow2"],
+        &["check", "disk.qcow2"],
+        &["map", "disk.qcow2"],
+        &["snapshot", "-l", "disk.qcow2"],
+    ];
+    for s in steps {
+        let q = run_in(&e.p().join("q"), &e.qi, s);
+        let v = run_in(&e.p().join("v"), &vimg(), s);
+        assert_eq!(
+            (q.rc, q.stdout, q.stderr.replace("qemu-img:", "vimg:")),
+            (v.rc, v.stdout, v.stderr),
+            "{s:?}"
+        );
+    }
+    // Probing a raw image for writing warns like qemu-img.
+    for d in ["q", "v"] {
+        std::fs::write(e.p().join(d).join("r.img"), vec![0u8; 1 << 20]).unwrap();
+    }
+    let q = run_in(&e.p().join("q"), &e.qi, &["resize", "r.img", "+1M"]);
+    let v = run_in(&e.p().join("v"), &vimg(), &["resize", "r.img", "+1M"]);
+    assert_eq!((q.rc, q.stdout, q.stderr), (v.rc, v.stdout, v.stderr));
+}
