@@ -528,11 +528,11 @@ fn boot_linux(kernel: &Path, dir: &Path, args: &[&str]) -> (String, String, Vec<
                 io_threads.push(n);
             }
         }
-        if start.elapsed() > Duration::from_secs(600) {
+        if start.elapsed() > Duration::from_secs(900) {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "Linux did not finish in 10 minutes; serial log:\n{}",
+                "Linux did not finish in 15 minutes; serial log:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
