@@ -461,6 +461,17 @@ fn errors_say_what_is_wrong_and_exit_1() {
         &["no partition table", "bare ext4 filesystem", "-kernel"],
     );
 
+    let fat = t.join("fat.img");
+    sh(&format!(
+        "truncate -s 40M {b}; mkfs.vfat {b} >/dev/null",
+        b = fat.display()
+    ));
+    expect_error(
+        &fat,
+        1,
+        &["no partition table (MBR or GPT); it holds a bare FAT filesystem"],
+    );
+
     // A partition with nothing recognisable on it.
     let empty = disk_with(t, "empty.img", "gpt", "");
     expect_error(

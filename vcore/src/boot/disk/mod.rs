@@ -142,21 +142,24 @@ const GRUB_LEGACY: &[&str] = &[
 
 /// Find what to boot on `dev`.
 pub fn find_boot(dev: Arc<dyn BlockDevice>) -> Result<BootEntry, DiskBootError> {
+    // A filesystem on the whole disk (a FAT boot sector also ends in 55aa
+    // and can pass for an empty MBR).
+    let whole = Slice::new(dev.clone(), 0, dev.size());
+    let bare = match fs::probe(&whole) {
+        Probe::Ext(k) => Some(format!(
+            "it holds a bare {k} filesystem: boot it with -kernel and root=/dev/vda"
+        )),
+        Probe::Fat => Some("it holds a bare FAT filesystem".into()),
+        Probe::Unsupported(k) => Some(format!("it holds a bare {k} filesystem")),
+        Probe::Unknown => None,
+    };
     let table = match partitions::read_table(&*dev) {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            let whole = Slice::new(dev.clone(), 0, dev.size());
-            let hint = match fs::probe(&whole) {
-                Probe::Ext(k) => Some(format!(
-                    "it holds a bare {k} filesystem: boot it with -kernel and root=/dev/vda"
-                )),
-                Probe::Fat => Some("it holds a bare FAT filesystem".into()),
-                Probe::Unsupported(k) => Some(format!("it holds a bare {k} filesystem")),
-                Probe::Unknown => None,
-            };
-            return Err(DiskBootError::NoPartitionTable { hint });
-        }
+        Ok(Some(t)) if !(t.partitions.is_empty() && bare.is_some()) => t,
+        Ok(_) => return Err(DiskBootError::NoPartitionTable { hint: bare }),
         Err(partitions::TableError::Io(e)) => return Err(DiskBootError::Io(e.to_string())),
+        Err(partitions::TableError::Invalid(_)) if bare.is_some() => {
+            return Err(DiskBootError::NoPartitionTable { hint: bare })
+        }
         Err(partitions::TableError::Invalid(m)) => return Err(DiskBootError::BadTable(m)),
     };
     let kind = table.kind;
