@@ -385,6 +385,32 @@ fn print_boot_human_output_append_console_and_backing_chain() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("image:     {p} (qcow2)\n")), "{out}");
+    let drive_b = format!("file={p},if=none,id=b");
+    let (code, out, err) = vmrun(&[
+        "--print-boot",
+        "-drive",
+        "file=/nonexistent/a.img,if=none,id=a",
+        "-drive",
+        &drive_b,
+        "-device",
+        "virtio-blk-pci,drive=a,bootindex=1",
+        "-device",
+        "virtio-blk-pci,drive=b,bootindex=0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("image:     {p} (qcow2)\n")), "{out}");
+    let (code, _, err) = vmrun(&[
+        "--print-boot",
+        "-drive",
+        &drive_b,
+        "-device",
+        "virtio-blk-pci,drive=b,bootindex=first",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bootindex expects a non-negative number, not 'first'"),
+        "{err}"
+    );
     let (code, _, err) = vmrun(&["--print-boot", "-hda", p, p]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("name the first disk; give one"), "{err}");
