@@ -764,3 +764,51 @@ fn grub_legacy_on_a_separate_boot_partition() {
         "{j}"
     );
 }
+
+/// Partition-table corners: a root in a logical partition of an MBR
+/// extended partition (Linux numbers it 5), and a GPT whose primary header
+/// is damaged (the backup at the end of the disk is used).
+#[test]
+fn logical_partitions_and_backup_gpt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let k = guest().join("bzImage");
+    let img = d.join("logical.img");
+    sh(&format!(
+        "d={d}; img={img}; mkdir -p $d/root/boot
+         cp {k} $d/root/boot/vmlinuz-6.1.0
+         truncate -s 16M $d/root.img; mkfs.ext4 -q -F -d $d/root $d/root.img >/dev/null
+         truncate -s 40M $img
+         printf 'label: dos\\nlabel-id: 0xcafe0001\\nstart=2048, size=4096, type=83\\nstart=8192, size=65536, type=5\\nstart=10240, size=32768, type=83\\n' | sfdisk -q $img >/dev/null
+         dd if=$d/root.img of=$img bs=512 seek=10240 conv=notrunc status=none",
+        d = d.display(),
+        img = img.display(),
+        k = k.display()
+    ));
+    // The oracle: sfdisk numbers the logical partition 5.
+    let dump = sh(&format!("sfdisk --dump {}", img.display()));
+    assert!(dump.contains("logical.img5 : start=       10240"), "{dump}");
+    let j = print_boot_json(&img, &[]);
+    assert_eq!(j["partition"]["number"], 5, "{j}");
+    assert_eq!(j["partition"]["partuuid"], "cafe0001-05", "{j}");
+    assert_eq!(
+        j["cmdline"], "root=PARTUUID=cafe0001-05 ro console=ttyS0",
+        "{j}"
+    );
+    let notes = j["looked_at"].to_string();
+    assert!(
+        notes.contains("partition 1 (mbr, 2 MiB): no filesystem recognised"),
+        "{j}"
+    );
+
+    // Damage the primary GPT header: the backup still describes the disk.
+    let gpt = build_disk(d, "gpt.img", &["-t", "gpt", "-c", "extlinux", "-f", "raw"]);
+    let want = print_boot_json(&gpt, &[]);
+    sh(&format!(
+        "printf 'XXXX' | dd of={} bs=1 seek=$((512+24)) conv=notrunc status=none",
+        gpt.display()
+    ));
+    let j = print_boot_json(&gpt, &[]);
+    assert_eq!(j["partition"], want["partition"], "{j}");
+    assert_eq!(j["cmdline"], want["cmdline"], "{j}");
+}
