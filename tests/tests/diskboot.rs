@@ -62,7 +62,9 @@ fn guest() -> &'static Path {
     static G: OnceLock<PathBuf> = OnceLock::new();
     G.get_or_init(|| {
         let real = root().join("build/guest");
-        if real.join("bzImage").exists() && real.join("initramfs.cpio.gz").exists() {
+        if real.join("bzImage").exists()
+            && (real.join("initramfs.cpio").exists() || real.join("initramfs.cpio.gz").exists())
+        {
             return real;
         }
         eprintln!("note: build/guest is missing; --print-boot tests use a synthetic bzImage");
@@ -79,11 +81,22 @@ fn guest() -> &'static Path {
         k[0x300..0x30c].copy_from_slice(b"6.1.0-synth ");
         std::fs::write(dir.join("bzImage"), k).unwrap();
         sh(&format!(
-            "echo initrd | gzip > {}/initramfs.cpio.gz",
-            dir.display()
+            "cd {d} && mkdir -p ird/bin && echo '#!/bin/sh' > ird/init && \
+             (cd ird && find . | cpio -o -H newc --quiet) | gzip > initramfs.cpio.gz",
+            d = dir.display()
         ));
         dir
     })
+}
+
+/// The initramfs build-disk.sh -i installs (uncompressed when built).
+fn initramfs() -> PathBuf {
+    let g = guest().join("initramfs.cpio");
+    if g.exists() {
+        g
+    } else {
+        guest().join("initramfs.cpio.gz")
+    }
 }
 
 fn kernel_release() -> String {
@@ -262,9 +275,7 @@ fn print_boot_finds_the_default_entry_on_every_image_kind() {
     let tmp = tempfile::tempdir().unwrap();
     let rel = kernel_release();
     let ksize = std::fs::metadata(guest().join("bzImage")).unwrap().len();
-    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz"))
-        .unwrap()
-        .len();
+    let isize = std::fs::metadata(initramfs()).unwrap().len();
     for c in CASES {
         let img = build_disk(tmp.path(), c.name, c.args);
         let before = std::fs::read(&img).unwrap();
@@ -330,9 +341,7 @@ fn print_boot_human_output_append_console_and_backing_chain() {
     let (code, out, err) = vmrun(&["-print-boot", p]);
     assert_eq!(code, 0, "{err}");
     let ksize = std::fs::metadata(guest().join("bzImage")).unwrap().len();
-    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz"))
-        .unwrap()
-        .len();
+    let isize = std::fs::metadata(initramfs()).unwrap().len();
     assert_eq!(
         out,
         format!(
