@@ -563,6 +563,23 @@ fn errors_say_what_is_wrong_and_exit_1() {
     );
     expect_error(&k32, 1, &["/boot/vmlinuz-6.1-i686 on partition 1 is a 32-bit kernel; vmrun boots 64-bit guests only"]);
 
+    // A 32-bit ELF vmlinux (the ELF class byte says so), named by extlinux.
+    let e32 = disk_with(
+        t,
+        "elf32.img",
+        "gpt",
+        "mkdir -p $d/root/boot/extlinux
+         printf '\\177ELF\\001\\001\\001' > $d/root/boot/vmlinux-i386
+         head -c 4096 /dev/zero >> $d/root/boot/vmlinux-i386
+         printf 'LABEL l\n LINUX /boot/vmlinux-i386\n' > $d/root/boot/extlinux/extlinux.conf
+         mkfs.ext4 -q -F -d $d/root $PART >/dev/null",
+    );
+    expect_error(
+        &e32,
+        1,
+        &["/boot/vmlinux-i386 on partition 1 is a 32-bit kernel; vmrun boots 64-bit guests only"],
+    );
+
     // Something that is not a kernel where the config says one is.
     let junk = disk_with(
         t,
