@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, R};
-use crate::map::{open_chain, read_chain, Layer};
+use crate::map::{is_zero_range, open_chain, read_chain, Layer};
 use std::io::Write;
 use std::path::Path;
 use vcore::image::qcow2::Qcow2Device;
@@ -131,53 +131,78 @@ pub fn run(a: ConvertArgs) -> R<()> {
         None => None,
     };
     let fresh = !a.no_create;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut bbuf = vec![0u8; CHUNK as usize];
-    let mut base = 0u64;
     let mut last_pct = -1i64;
     if a.progress {
         progress(0.0);
     }
-    for src in sources.iter_mut() {
-        let size = src[0].size();
-        let mut off = 0u64;
-        while off < size {
-            let n = (size - off).min(CHUNK) as usize;
-            read_chain(src, off, &mut buf[..n]).map_err(|e| {
-                fail(format!(
-                    "error while reading at byte {}: {}",
-                    off,
-                    e.msg.unwrap_or_default()
-                ))
-            })?;
-            let have_backing = if let Some(bl) = backing.as_mut() {
-                let bsize = bl[0].size();
-                let bn = if base + off < bsize {
-                    ((bsize - base - off) as usize).min(n)
-                } else {
-                    0
-                };
-                bbuf[..n].fill(0);
-                if bn > 0 {
-                    read_chain(bl, base + off, &mut bbuf[..bn])?;
+    // Reader thread (block status, reads, backing reads) feeding this
+    // thread, which scans for zero blocks and writes: reads and writes
+    // overlap.
+    type Chunk = (u64, Vec<u8>, Option<Vec<u8>>);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<R<Chunk>>(4);
+    let skip_zero = fresh && backing.is_none() && sparse != 0;
+    std::thread::scope(|sc| -> R<()> {
+        let backing = &mut backing;
+        sc.spawn(move || {
+            let mut base = 0u64;
+            for src in sources.iter_mut() {
+                let size = src[0].size();
+                let mut off = 0u64;
+                while off < size {
+                    let n = (size - off).min(CHUNK) as usize;
+                    // Nothing to write for a zero range of a fresh target.
+                    if skip_zero && matches!(is_zero_range(src, off, n as u64), Ok(true)) {
+                        off += n as u64;
+                        continue;
+                    }
+                    let mut buf = vec![0u8; n];
+                    if let Err(e) = read_chain(src, off, &mut buf) {
+                        let _ = tx.send(Err(fail(format!(
+                            "error while reading at byte {}: {}",
+                            off,
+                            e.msg.unwrap_or_default()
+                        ))));
+                        return;
+                    }
+                    let bb = match backing.as_mut() {
+                        Some(bl) => {
+                            let bsize = bl[0].size();
+                            let g = base + off;
+                            let mut bb = vec![0u8; n];
+                            if g < bsize {
+                                let bn = ((bsize - g) as usize).min(n);
+                                if let Err(e) = read_chain(bl, g, &mut bb[..bn]) {
+                                    let _ = tx.send(Err(e));
+                                    return;
+                                }
+                            }
+                            Some(bb)
+                        }
+                        None => None,
+                    };
+                    if tx.send(Ok((base + off, buf, bb))).is_err() {
+                        return;
+                    }
+                    off += n as u64;
                 }
-                true
-            } else {
-                false
-            };
+                base += size;
+            }
+        });
+        for item in rx {
+            let (at0, buf, bbuf) = item?;
+            let n = buf.len();
+            let have_backing = bbuf.is_some();
             // Walk blocks of `sparse` bytes (or the whole chunk with -S 0).
             let blk = if sparse == 0 { n } else { sparse as usize };
+            let skip = |i: usize| -> bool {
+                let e = (i + blk).min(n);
+                match &bbuf {
+                    Some(b) => buf[i..e] == b[i..e],
+                    None => sparse != 0 && fresh && buf[i..e].iter().all(|&b| b == 0),
+                }
+            };
             let mut i = 0usize;
             while i < n {
-                // Gather a run of blocks that must be written.
-                let skip = |i: usize| -> bool {
-                    let e = (i + blk).min(n);
-                    if have_backing {
-                        buf[i..e] == bbuf[i..e]
-                    } else {
-                        sparse != 0 && fresh && buf[i..e].iter().all(|&b| b == 0)
-                    }
-                };
                 if skip(i) {
                     i += blk;
                     continue;
@@ -187,7 +212,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
                     i += blk;
                 }
                 let end = i.min(n);
-                let at = base + off + start as u64;
+                let at = at0 + start as u64;
                 if !fresh && !have_backing && buf[start..end].iter().all(|&b| b == 0) {
                     target
                         .write_zeroes(at, (end - start) as u64)
@@ -198,20 +223,20 @@ pub fn run(a: ConvertArgs) -> R<()> {
                         .map_err(|e| fail(format!("error while writing at byte {at}: {e}")))?;
                 }
             }
-            off += n as u64;
             if a.progress && total > 0 {
-                let pct = ((base + off) * 100 / total) as i64;
+                let done = at0 + n as u64;
+                let pct = (done * 100 / total) as i64;
                 if pct != last_pct {
                     last_pct = pct;
-                    progress((base + off) as f64 * 100.0 / total as f64);
+                    progress(done as f64 * 100.0 / total as f64);
                 }
             }
         }
-        base += size;
-    }
-    target
-        .flush()
-        .map_err(|e| fail(format!("error while flushing {dst}: {e}")))?;
+        Ok(())
+    })?;
+    // Like qemu-img convert (cache=unsafe): no fsync; data reaches the disk
+    // with the page cache.
+    drop(target);
     if a.progress {
         println!("    (100.00/100%)");
     }
@@ -228,7 +253,8 @@ fn convert_seq(
     total: u64,
     sparse: u64,
 ) -> R<()> {
-    use vcore::image::qcow2::writer::{compress, SeqWriter};
+    use crate::compress::Compressor;
+    use vcore::image::qcow2::writer::SeqWriter;
     let oopts = OpenOptions {
         format: Some(Format::Qcow2),
         read_only: false,
@@ -239,6 +265,12 @@ fn convert_seq(
     let mut w = SeqWriter::new(tfile).map_err(|m| fail(format!("{dst}: {m}")))?;
     let cs = w.header().cluster_size();
     let ctype = w.header().compression_type;
+    let n_src = sources.len();
+    if sources[..n_src - 1].iter().any(|s| s[0].size() % cs != 0) {
+        return Err(fail(
+            "Concatenating sources whose sizes are not multiples of the cluster size is not supported",
+        ));
+    }
     let chunk = (8u64 << 20).max(cs);
     let mut backing: Option<Vec<Layer>> = match &a.backing {
         Some(b) => {
@@ -269,6 +301,14 @@ fn convert_seq(
                 let mut off = 0u64;
                 while off < size {
                     let n = (size - off).min(chunk) as usize;
+                    let skip = backing.is_none()
+                        && sparse != 0
+                        && base % cs == 0
+                        && matches!(is_zero_range(src, off, n as u64), Ok(true));
+                    if skip {
+                        off += n as u64;
+                        continue;
+                    }
                     let mut buf = vec![0u8; n.next_multiple_of(cs as usize)];
                     if let Err(e) = read_chain(src, off, &mut buf[..n]) {
                         let _ = tx.send(Err(e));
@@ -322,9 +362,10 @@ fn convert_seq(
                         .zip(keep.chunks(per.max(1)))
                         .map(|(cl, kp)| {
                             s2.spawn(move || {
+                                let mut z = Compressor::new(ctype);
                                 cl.iter()
                                     .zip(kp)
-                                    .map(|(c, k)| if *k { compress(ctype, c) } else { None })
+                                    .map(|(c, k)| if *k { z.compress(c) } else { None })
                                     .collect::<Vec<_>>()
                             })
                         })
@@ -341,16 +382,28 @@ fn convert_seq(
             } else {
                 vec![None; clusters.len()]
             };
-            for (i, c) in clusters.iter().enumerate() {
+            // Runs of plain clusters go out in one write each.
+            let mut i = 0usize;
+            while i < clusters.len() {
                 if !keep[i] {
+                    i += 1;
                     continue;
                 }
                 let gc = first_cluster + i as u64;
-                let r = match &comp[i] {
-                    Some(z) => w.write_compressed(gc, z),
-                    None => w.write_cluster(gc, c),
-                };
-                r.map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+                if let Some(z) = &comp[i] {
+                    w.write_compressed(gc, z)
+                        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < clusters.len() && keep[i] && comp[i].is_none() {
+                    i += 1;
+                }
+                let a0 = start * cs as usize;
+                let a1 = (i * cs as usize).min(buf.len());
+                w.write_clusters(gc, &buf[a0..a1])
+                    .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
             }
             if a.progress && total > 0 {
                 let done = (goff + buf.len() as u64).min(total);
@@ -363,7 +416,7 @@ fn convert_seq(
         }
         Ok(())
     })?;
-    w.finish()
+    w.finish(false)
         .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
     if a.progress {
         println!("    (100.00/100%)");

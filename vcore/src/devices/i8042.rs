@@ -4,19 +4,19 @@
 use vm_superio::I8042Device;
 
 use super::bus::BusDevice;
-use super::EventFdTrigger;
+use super::FnTrigger;
 
 /// Base port; the device spans 0x60..0x65 (data at 0x60, command at 0x64).
 pub const I8042_PORT: u64 = 0x60;
 
 /// The i8042 on the port bus. A reset command signals the trigger.
 pub struct I8042 {
-    dev: I8042Device<EventFdTrigger>,
+    dev: I8042Device<FnTrigger>,
 }
 
 impl I8042 {
     /// An i8042 whose reset line signals `reset`.
-    pub fn new(reset: EventFdTrigger) -> Self {
+    pub fn new(reset: FnTrigger) -> Self {
         I8042 {
             dev: I8042Device::new(reset),
         }

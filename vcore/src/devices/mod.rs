@@ -34,3 +34,23 @@ impl Trigger for EventFdTrigger {
         self.0.write(1)
     }
 }
+
+/// A trigger that calls a function: the i8042's reset line asks the VM to
+/// reset this way, synchronously in the vCPU thread that wrote the port.
+pub struct FnTrigger(Box<dyn Fn() + Send>);
+
+impl FnTrigger {
+    /// A trigger calling `f`.
+    pub fn new(f: Box<dyn Fn() + Send>) -> Self {
+        FnTrigger(f)
+    }
+}
+
+impl Trigger for FnTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        (self.0)();
+        Ok(())
+    }
+}

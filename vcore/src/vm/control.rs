@@ -30,6 +30,7 @@ pub struct VmControl {
     state: Mutex<RunState>,
     cv: Condvar,
     stop: AtomicBool,
+    exit_requested: AtomicBool,
     parked: AtomicUsize,
     threads: Mutex<Vec<Option<(i32, libc::pthread_t)>>>,
     events: Mutex<Sender<VmExit>>,
@@ -46,6 +47,7 @@ impl VmControl {
             state: Mutex::new(RunState::Running),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            exit_requested: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
             threads: Mutex::new(vec![None; vcpus]),
             events: Mutex::new(events),
@@ -66,7 +68,9 @@ impl VmControl {
     }
 
     /// Ask the VM to stop with `exit` (monitor `quit`, `system_reset`, Ctrl-a x).
+    /// The first request wins; vCPUs stop entering the guest at once.
     pub fn request_exit(&self, exit: VmExit) {
+        self.exit_requested.store(true, Ordering::SeqCst);
         let _ = self.events.lock().map(|tx| tx.send(exit));
     }
 
@@ -80,7 +84,7 @@ impl VmControl {
     }
 
     pub(crate) fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.stop.load(Ordering::SeqCst) || self.exit_requested.load(Ordering::SeqCst)
     }
 
     fn kick_all(&self) {

@@ -29,7 +29,7 @@ use crate::devices::cmos::{Cmos, CMOS_PORT};
 use crate::devices::debug::{DebugExit, Markers, DEBUG_EXIT_PORT, MARKER_PORT};
 use crate::devices::i8042::{I8042, I8042_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
-use crate::devices::EventFdTrigger;
+use crate::devices::{EventFdTrigger, FnTrigger};
 pub use control::{RunState, VmControl};
 pub use memory::Backing;
 
@@ -225,38 +225,22 @@ impl Vm {
         let dev_err = |e: crate::devices::bus::BusError| VmError::Device(e.to_string());
         pio.insert(COM1_PORT, 8, serial.clone()).map_err(dev_err)?;
 
-        // i8042 reset line → VM reset.
-        let reset_evt = EventFd::new(0).map_err(|e| VmError::Device(e.to_string()))?;
-        let reset_watch = reset_evt
-            .try_clone()
-            .map_err(|e| VmError::Device(e.to_string()))?;
-        pio.insert(
-            I8042_PORT,
-            5,
-            Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_evt)))),
-        )
-        .map_err(dev_err)?;
-        {
-            let tx = events_tx.clone();
-            std::thread::Builder::new()
-                .name("reset-watch".into())
-                .spawn(move || {
-                    if reset_watch.read().is_ok() {
-                        let _ = tx.send(VmExit::Reset);
-                    }
-                })
-                .map_err(VmError::Thread)?;
-        }
+        // Run control first: the i8042 reset line and the debug-exit port
+        // stop the vCPUs through it, from the vCPU thread that wrote the port,
+        // before the guest can run another instruction.
+        let control = Arc::new(VmControl::new(n as usize, events_tx.clone()));
+        let c = control.clone();
+        let reset = FnTrigger::new(Box::new(move || c.request_exit(VmExit::Reset)));
+        pio.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(reset))))
+            .map_err(dev_err)?;
 
         // CMOS, debug exit and boot markers.
         let low = cfg.mem_size.min(boot::layout::MMIO_HOLE_START);
         let high = cfg.mem_size - low;
         pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new(low, high))))
             .map_err(dev_err)?;
-        let tx = Mutex::new(events_tx.clone());
-        let exit = DebugExit::new(Box::new(move |v| {
-            let _ = tx.lock().map(|t| t.send(VmExit::DebugExit(v)));
-        }));
+        let c = control.clone();
+        let exit = DebugExit::new(Box::new(move |v| c.request_exit(VmExit::DebugExit(v))));
         pio.insert(DEBUG_EXIT_PORT, 1, Arc::new(Mutex::new(exit)))
             .map_err(dev_err)?;
         let markers = Markers::new();
@@ -318,7 +302,6 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
-        let control = Arc::new(VmControl::new(vcpus.len(), events_tx.clone()));
         Ok(Vm {
             control,
             _kvm: kvm,

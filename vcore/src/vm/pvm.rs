@@ -14,6 +14,11 @@
 //!   changes nothing the guest kernel can observe except that scrubbing.
 //! * The rest (`clac/stac`, `popcnt`, `xrstor`, `cmpxchg16b`, …) are kept
 //!   out of a Linux guest's path with kernel parameters ([`LINUX_PARAMS`]).
+//! * `no_timer_check`: Linux's boot check that the IO-APIC timer ticks
+//!   (timer_irq_works) gives the timer interrupt a fixed number of TSC
+//!   cycles; emulated interrupt handling on a loaded host can miss it and
+//!   panic with "IO-APIC + timer doesn't work!". KVM guests with kvmclock
+//!   skip the check the same way.
 
 use std::path::Path;
 
@@ -22,7 +27,7 @@ use kvm_ioctls::VcpuFd;
 
 /// Kernel parameters that keep a Linux guest off instructions the emulator
 /// cannot handle.
-pub const LINUX_PARAMS: &str = "noxsave nopcid noinvpcid nofsgsbase clearcpuid=cx16,smap,rdpid,rdrand,rdseed,avx,avx2,avx512f,xsaves,xsaveopt,clwb,clflushopt,popcnt,abm,bmi1,bmi2,movbe,adx,sha_ni,aes,pclmulqdq,f16c,fma,sse4_1,sse4_2";
+pub const LINUX_PARAMS: &str = "no_timer_check noxsave nopcid noinvpcid nofsgsbase clearcpuid=cx16,smap,rdpid,rdrand,rdseed,avx,avx2,avx512f,xsaves,xsaveopt,clwb,clflushopt,popcnt,abm,bmi1,bmi2,movbe,adx,sha_ni,aes,pclmulqdq,f16c,fma,sse4_1,sse4_2";
 
 /// Whether the host's KVM is the nested paging-based flavour.
 pub fn detect(sys_root: &Path) -> bool {

@@ -10,7 +10,6 @@ use super::meta::{self, Header, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::image::raw::pread_full;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 /// Appending writer (see module docs).
@@ -27,22 +26,6 @@ pub struct SeqWriter {
 
 fn io(e: std::io::Error) -> String {
     e.to_string()
-}
-
-/// Compress one cluster like QEMU (zlib: raw deflate, window 2^12 not
-/// required for reading; zstd: one frame). `None` when it does not shrink.
-pub fn compress(ctype: u8, data: &[u8]) -> Option<Vec<u8>> {
-    let out = if ctype == 1 {
-        zstd::bulk::compress(data, 0).ok()?
-    } else {
-        let mut e = flate2::write::DeflateEncoder::new(
-            Vec::with_capacity(data.len() / 2),
-            flate2::Compression::default(),
-        );
-        e.write_all(data).ok()?;
-        e.finish().ok()?
-    };
-    (out.len() < data.len().saturating_sub(512).max(1)).then_some(out)
 }
 
 impl SeqWriter {
@@ -121,6 +104,33 @@ impl SeqWriter {
         self.set_l2(guest_cluster, off | OFLAG_COPIED, bitmap)
     }
 
+    /// Store consecutive whole clusters uncompressed with one write
+    /// (`data.len()` a multiple of the cluster size, or shorter at the end
+    /// of the image: zero padded).
+    pub fn write_clusters(&mut self, first_guest_cluster: u64, data: &[u8]) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        let n = (data.len() as u64).div_ceil(cs);
+        let off = self.end.next_multiple_of(cs);
+        self.f.write_all_at(data, off).map_err(io)?;
+        let tail = n * cs - data.len() as u64;
+        if tail > 0 {
+            self.f
+                .write_all_at(&vec![0u8; tail as usize], off + data.len() as u64)
+                .map_err(io)?;
+        }
+        self.end = off + n * cs;
+        let bitmap = if self.h.extended_l2() { 0xffff_ffff } else { 0 };
+        for i in 0..n {
+            self.inc(off + i * cs, cs);
+            self.set_l2(
+                first_guest_cluster + i,
+                (off + i * cs) | OFLAG_COPIED,
+                bitmap,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Store a compressed cluster (output of [`compress`]).
     pub fn write_compressed(&mut self, guest_cluster: u64, comp: &[u8]) -> Result<(), String> {
         let h = &self.h;
@@ -143,7 +153,11 @@ impl SeqWriter {
     }
 
     /// Write the metadata and make the data visible.
-    pub fn finish(mut self) -> Result<(), String> {
+    /// With `sync`, the refcount structures, the header switch and the L1
+    /// table are each made durable before the next step (power-loss
+    /// safe); without it (qemu-img's `cache=unsafe` for convert) the write
+    /// order alone keeps a killed process from leaving corruption.
+    pub fn finish(mut self, sync: bool) -> Result<(), String> {
         let cs = self.h.cluster_size();
         // Pad the file so that sector-rounded compressed extents stay inside.
         let data_end = self.end.next_multiple_of(512);
@@ -210,16 +224,22 @@ impl SeqWriter {
         }
         let rt_off = (start + n_rb) * cs;
         meta::write_table(&self.f, rt_off, &reftable).map_err(io)?;
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         let mut fields = Vec::with_capacity(12);
         fields.extend_from_slice(&rt_off.to_be_bytes());
         fields.extend_from_slice(&(n_rt as u32).to_be_bytes());
         self.f.write_all_at(&fields, 48).map_err(io)?;
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         if !l1.is_empty() {
             meta::write_table(&self.f, self.h.l1_table_offset, &l1).map_err(io)?;
         }
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         Ok(())
     }
 }
