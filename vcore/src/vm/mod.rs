@@ -396,14 +396,18 @@ impl Vm {
         }
 
         let exit = loop {
+            // A signal wins over guest events, so that SIGTERM also stops a
+            // guest that keeps resetting.
+            let sig = SIGNALLED.swap(0, Ordering::SeqCst);
+            if sig != 0 {
+                break VmExit::Signal(sig);
+            }
             match self.events_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(e) => break e,
-                Err(RecvTimeoutError::Timeout) => {
+                Ok(e) => {
                     let sig = SIGNALLED.swap(0, Ordering::SeqCst);
-                    if sig != 0 {
-                        break VmExit::Signal(sig);
-                    }
+                    break if sig != 0 { VmExit::Signal(sig) } else { e };
                 }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     break VmExit::Error("all vCPUs stopped".into())
                 }
