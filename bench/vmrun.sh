@@ -182,8 +182,12 @@ to_init() { # to_init CMD... : seconds from start to "Run /init" in the serial l
             awk -v t=$((e - s)) 'BEGIN {printf "%.1f s\n", t / 1e6}'
             break
         fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "FAILED: $(grep -a -m1 -i "error" "$W/linux.err" "$log" 2>/dev/null | head -1 | cut -c1-200)"
+        # QEMU stays alive, paused, after a KVM internal error.
+        if ! kill -0 "$pid" 2>/dev/null || grep -q "internal error" "$W/linux.err"; then
+            sleep 0.2
+            echo "FAILED after $(awk -v t=$((${EPOCHREALTIME/./} - s)) 'BEGIN {printf "%.1f", t / 1e6}') s:" \
+                "$(grep -a -i -A2 "error" "$W/linux.err" | head -3 | tr '\n' ' ' | cut -c1-200)"
+            echo "  last serial line: $(tail -n1 "$log" 2>/dev/null | cut -c1-120)"
             break
         fi
         sleep 0.05
