@@ -110,7 +110,7 @@ fn sigterm_stops_the_guest_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let serial = format!("file:{}", log.display());
-    let mut child = Command::new(bin("vmrun"))
+    let child = Command::new(bin("vmrun"))
         .args([
             "-kernel",
             env!("TINY_SPIN"),

@@ -607,16 +607,14 @@ pub fn for_vcpu(table: &[kvm_cpuid_entry2], index: u32, topo: Topology) -> Vec<k
                     e.edx &= !(1 << 28);
                 }
             }
-            4 => {
-                // Deterministic cache parameters (Intel): cores per package
-                // and threads sharing each cache level.
-                if e.eax & 0x1f != 0 {
-                    let level = (e.eax >> 5) & 0x7;
-                    let sharing = if level >= 3 { per_socket } else { topo.threads };
-                    e.eax = (e.eax & 0x3fff)
-                        | (((sharing.max(1) - 1) & 0xfff) << 14)
-                        | (((topo.cores.max(1) - 1) & 0x3f) << 26);
-                }
+            // Deterministic cache parameters (Intel): cores per package
+            // and threads sharing each cache level.
+            4 if e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { per_socket } else { topo.threads };
+                e.eax = (e.eax & 0x3fff)
+                    | (((sharing.max(1) - 1) & 0xfff) << 14)
+                    | (((topo.cores.max(1) - 1) & 0x3f) << 26);
             }
             0xb | 0x1f => {
                 e.edx = apic;

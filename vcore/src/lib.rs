@@ -9,6 +9,7 @@ pub mod devices;
 pub mod host;
 pub mod hostcheck;
 pub mod image;
+pub mod monitor;
 pub mod qemuopts;
 pub mod units;
 pub mod vm;

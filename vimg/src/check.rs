@@ -84,15 +84,15 @@ pub fn run(
         Some("all") => Fix::ALL,
         Some(o) => {
             return Err(fail(format!(
-                "--repair (-r) expects 'leaks' or 'all' not '{o}'"
+                "--repair (-r) expects 'leaks' or 'all' not '{o}'\nTry 'vimg check --help' for more info"
             )))
         }
     };
     let rw = fix != Fix::NONE;
     if rw && force_share {
-        return Err(fail(
-            "force-share=on can only be used with read-only images",
-        ));
+        return Err(fail(format!(
+            "Could not open '{file}': force-share=on can only be used with read-only images"
+        )));
     }
     let format = match fmt {
         None => None,

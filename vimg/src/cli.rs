@@ -244,13 +244,13 @@ pub enum Cmd {
     },
 }
 
-fn output_json(o: &Option<String>) -> R<bool> {
+fn output_json(o: &Option<String>, cmd: &str) -> R<bool> {
     match o.as_deref() {
         None | Some("human") => Ok(false),
         Some("json") => Ok(true),
-        Some(_) => Err(crate::common::fail(
-            "--output must be used with human or json as argument.",
-        )),
+        Some(x) => Err(crate::common::fail(format!(
+            "--output expects 'human' or 'json' not '{x}'\nTry 'vimg {cmd} --help' for more info"
+        ))),
     }
 }
 
@@ -283,7 +283,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             output,
             file,
         } => {
-            let json = output_json(&output)?;
+            let json = output_json(&output, "info")?;
             crate::info::run(&file, fmt.as_deref(), backing_chain, force_share, json).map(|_| 0)
         }
         Cmd::Check {
@@ -295,7 +295,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             cache: _,
             file,
         } => {
-            let json = output_json(&output)?;
+            let json = output_json(&output, "check")?;
             crate::check::run(
                 &file,
                 fmt.as_deref(),
@@ -360,7 +360,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             force_share,
             file,
         } => {
-            let json = output_json(&output)?;
+            let json = output_json(&output, "map")?;
             crate::map::run(&file, fmt.as_deref(), json, force_share).map(|_| 0)
         }
         Cmd::Snapshot {
@@ -409,7 +409,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             force_share,
             file,
         } => {
-            let json = output_json(&output)?;
+            let json = output_json(&output, "measure")?;
             crate::snapshot::run_measure(crate::snapshot::MeasureArgs {
                 out_fmt,
                 opts,

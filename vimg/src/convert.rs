@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, R};
-use crate::map::{open_chain, read_chain, Layer};
+use crate::map::{is_zero_range, open_chain, read_chain, Layer};
 use std::io::Write;
 use std::path::Path;
 use vcore::image::qcow2::Qcow2Device;
@@ -143,6 +143,11 @@ pub fn run(a: ConvertArgs) -> R<()> {
         let mut off = 0u64;
         while off < size {
             let n = (size - off).min(CHUNK) as usize;
+            // Fast path: nothing to write for a zero range of a fresh target.
+            if fresh && backing.is_none() && sparse != 0 && is_zero_range(src, off, n as u64)? {
+                off += n as u64;
+                continue;
+            }
             read_chain(src, off, &mut buf[..n]).map_err(|e| {
                 fail(format!(
                     "error while reading at byte {}: {}",
@@ -228,7 +233,8 @@ fn convert_seq(
     total: u64,
     sparse: u64,
 ) -> R<()> {
-    use vcore::image::qcow2::writer::{compress, SeqWriter};
+    use crate::compress::compress;
+    use vcore::image::qcow2::writer::SeqWriter;
     let oopts = OpenOptions {
         format: Some(Format::Qcow2),
         read_only: false,
@@ -239,6 +245,12 @@ fn convert_seq(
     let mut w = SeqWriter::new(tfile).map_err(|m| fail(format!("{dst}: {m}")))?;
     let cs = w.header().cluster_size();
     let ctype = w.header().compression_type;
+    let n_src = sources.len();
+    if sources[..n_src - 1].iter().any(|s| s[0].size() % cs != 0) {
+        return Err(fail(
+            "Concatenating sources whose sizes are not multiples of the cluster size is not supported",
+        ));
+    }
     let chunk = (8u64 << 20).max(cs);
     let mut backing: Option<Vec<Layer>> = match &a.backing {
         Some(b) => {
@@ -269,6 +281,14 @@ fn convert_seq(
                 let mut off = 0u64;
                 while off < size {
                     let n = (size - off).min(chunk) as usize;
+                    let skip = backing.is_none()
+                        && sparse != 0
+                        && base % cs == 0
+                        && matches!(is_zero_range(src, off, n as u64), Ok(true));
+                    if skip {
+                        off += n as u64;
+                        continue;
+                    }
                     let mut buf = vec![0u8; n.next_multiple_of(cs as usize)];
                     if let Err(e) = read_chain(src, off, &mut buf[..n]) {
                         let _ = tx.send(Err(e));

@@ -4,6 +4,7 @@ mod check;
 mod cli;
 mod common;
 mod compare;
+mod compress;
 mod convert;
 mod create;
 mod info;

@@ -378,3 +378,18 @@ fn seek(f: &File, off: u64, whence: i32) -> std::io::Result<Option<u64>> {
     }
     Ok(Some(r as u64))
 }
+
+/// Whether `[off, off+len)` reads as zeroes according to block status
+/// (without reading data).
+pub fn is_zero_range(layers: &mut [Layer], off: u64, len: u64) -> R<bool> {
+    let mut pos = off;
+    let end = off + len;
+    while pos < end {
+        let e = status(layers, pos, end - pos)?;
+        if !e.zero {
+            return Ok(false);
+        }
+        pos += e.length.max(1);
+    }
+    Ok(true)
+}

@@ -16,14 +16,31 @@ Examples:
   # Send the console to a file and run in the background of a script:
   vmrun -m 256m -kernel bzImage -append console=ttyS0 -serial file:boot.log -no-reboot &
 
+  # Boot from a qcow2 disk with an entropy source:
+  vmrun -m 256m -kernel bzImage -append 'console=ttyS0 root=/dev/vda rw' \\
+        -drive file=disk.qcow2,if=virtio,cache=writeback -device virtio-rng-pci -nographic
+
+  # A second disk read-only, and keep every image unchanged:
+  vmrun -m 256m -kernel bzImage -append 'root=/dev/vda console=ttyS0' -hda root.img \\
+        -drive file=data.raw,format=raw,readonly=on -snapshot -nographic
+
   # What can this host do?
   vmrun --check-host
+
+  # In the background with monitors, then ask for the vCPU thread ids:
+  vmrun -name web -smp 2 -m 512m -kernel bzImage -append console=ttyS0 \\
+        -serial file:web.log -daemonize -pidfile web.pid \\
+        -monitor unix:web.mon,server,nowait -qmp unix:web.qmp,server,nowait
+  echo 'info cpus' | socat - UNIX-CONNECT:web.mon
+
+  # Guest RAM on 2 MiB hugepages, allocated up front:
+  vmrun -m 1G -mem-path /dev/hugepages -mem-prealloc -kernel bzImage -nographic
 
   # CPU models, and a model with a flag removed:
   vmrun -cpu help
   vmrun -cpu qemu64,-svm -kernel bzImage -nographic
 
-Keys with -nographic: Ctrl-a x quits, Ctrl-a h shows help, Ctrl-a Ctrl-a sends Ctrl-a.
+Keys with -nographic: Ctrl-a c switches between console and monitor, Ctrl-a x\nquits, Ctrl-a h shows help, Ctrl-a Ctrl-a sends Ctrl-a.
 
 Exit status: 0 when the guest powers off, or resets with -no-reboot, or on
 SIGINT/SIGTERM; the guest's value written to port 0x501 (debug exit); 1 on
@@ -104,6 +121,48 @@ pub struct Cli {
     /// Print the guest's boot-time markers (port 0x80 writes) on exit
     #[arg(long = "boot-markers")]
     pub boot_markers: bool,
+    /// Human monitor: stdio, none or unix:PATH,server,nowait
+    #[arg(long, value_name = "CHARDEV")]
+    pub monitor: Option<String>,
+    /// QMP (JSON) monitor: unix:PATH,server,nowait
+    #[arg(long, value_name = "CHARDEV")]
+    pub qmp: Option<String>,
+    /// Detach from the terminal once the guest runs
+    #[arg(long)]
+    pub daemonize: bool,
+    /// Write the VMM's PID to FILE (locked; removed on exit)
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+    /// Back guest RAM with a file in DIR (hugetlbfs), mapped shared
+    #[arg(long = "mem-path", value_name = "DIR|FILE")]
+    pub mem_path: Option<PathBuf>,
+    /// Touch every page of guest RAM before the guest starts
+    #[arg(long = "mem-prealloc")]
+    pub mem_prealloc: bool,
+    /// memory-backend-memfd,id=ID,size=SIZE[,hugetlb=on][,hugetlbsize=2M][,prealloc=on]
+    #[arg(long, value_name = "SPEC")]
+    pub object: Vec<String>,
+    /// Pin vCPU threads at start: 0=2,1=3 (host CPU lists, ranges allowed)
+    #[arg(long = "vcpu-affinity", value_name = "N=CPUS,...")]
+    pub vcpu_affinity: Option<String>,
+    /// A disk: a virtio-blk PCI device over a raw or qcow2 image. Keys: file, format=raw|qcow2,
+    /// if=virtio|none, cache=writeback|none|writethrough|directsync|unsafe,
+    /// aio=threads|native|io_uring, readonly=on|off, discard=unmap|ignore, serial, id,
+    /// snapshot=on|off (see docs/disks.md)
+    #[arg(
+        long,
+        value_name = "file=PATH[,format=F][,cache=MODE][,readonly=on][,...]"
+    )]
+    pub drive: Vec<String>,
+    /// A virtio disk from an image (like -drive file=PATH)
+    #[arg(long, value_name = "PATH")]
+    pub hda: Option<PathBuf>,
+    /// Write to temporary overlays; the disk images stay unchanged
+    #[arg(long)]
+    pub snapshot: bool,
+    /// A device: virtio-rng-pci, or virtio-blk-pci,drive=ID for an if=none drive
+    #[arg(long, value_name = "DRIVER[,prop=value...]")]
+    pub device: Vec<String>,
 }
 
 /// Rewrite QEMU-style single-dash long options (`-smp`) to `--smp`.

@@ -1,14 +1,15 @@
 //! The serial console on the terminal: raw mode, input to the UART, and
-//! QEMU's `Ctrl-a` escapes when `-nographic` multiplexes stdio.
+//! QEMU's `Ctrl-a` escapes when `-nographic` multiplexes the console and the
+//! monitor on stdio.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use vcore::devices::serial::SerialDevice;
+use vcore::monitor::{banner, hmp, MonitorCtx};
 use vcore::vm::VmExit;
 
 /// Raw mode on stdin for as long as this lives.
@@ -43,8 +44,8 @@ impl Drop for RawTerminal {
     }
 }
 
-const HELP: &str =
-    "\r\nC-a h    print this help\r\nC-a x    exit emulator\r\nC-a C-a  sends C-a\r\n";
+const HELP: &str = "\r\nC-a h    print this help\r\nC-a x    exit emulator\r\n\
+C-a c    switch between console and monitor\r\nC-a C-a  sends C-a\r\n";
 
 fn feed(serial: &Arc<Mutex<SerialDevice>>, mut bytes: &[u8]) {
     while !bytes.is_empty() {
@@ -59,43 +60,114 @@ fn feed(serial: &Arc<Mutex<SerialDevice>>, mut bytes: &[u8]) {
     }
 }
 
-/// Forward stdin to the UART on a thread named `console`. With `mux`,
-/// `Ctrl-a x` quits and `Ctrl-a h` prints help.
-pub fn spawn_stdin(serial: Arc<Mutex<SerialDevice>>, stop: Sender<VmExit>, mux: bool) {
+/// What stdin drives.
+pub struct StdinTargets {
+    /// The UART, when the serial console is on stdio.
+    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The monitor, when it is on stdio.
+    pub monitor: Option<Arc<MonitorCtx>>,
+    /// `-nographic`: Ctrl-a escapes switch between the two.
+    pub mux: bool,
+}
+
+fn print(s: &str) {
+    let mut o = std::io::stdout();
+    let _ = o.write_all(s.as_bytes());
+    let _ = o.flush();
+}
+
+/// Forward stdin to the UART and/or the monitor, on a thread named `console`.
+pub fn spawn_stdin(t: StdinTargets) {
     let _ = std::thread::Builder::new()
         .name("console".into())
         .spawn(move || {
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
             let mut escape = false;
+            // Without a serial console on stdio, stdin is the monitor's.
+            let mut in_monitor = t.serial.is_none();
+            let mut line = String::new();
+            if in_monitor {
+                if let Some(m) = &t.monitor {
+                    print(&format!("{}(qemu) ", banner(m)));
+                }
+            }
             loop {
                 let n = match stdin.read(&mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
-                let mut out = Vec::with_capacity(n);
+                let mut to_guest = Vec::with_capacity(n);
                 for &b in &buf[..n] {
-                    if !mux {
-                        out.push(b);
-                    } else if escape {
+                    if t.mux && escape {
                         escape = false;
                         match b {
                             b'x' | b'X' => {
-                                eprint!("QEMU: Terminated\r\n");
-                                let _ = stop.send(VmExit::Quit);
+                                print("QEMU: Terminated\r\n");
+                                if let Some(m) = &t.monitor {
+                                    m.control.request_exit(VmExit::Quit);
+                                }
                                 return;
                             }
-                            b'h' | b'?' => eprint!("{HELP}"),
-                            0x01 => out.push(0x01),
+                            b'h' | b'?' => print(HELP),
+                            b'c' | b'C' if t.monitor.is_some() && t.serial.is_some() => {
+                                in_monitor = !in_monitor;
+                                if in_monitor {
+                                    if let Some(m) = &t.monitor {
+                                        print(&format!("\r\n{}(qemu) ", banner(m)));
+                                    }
+                                }
+                            }
+                            0x01 if !in_monitor => to_guest.push(0x01),
                             _ => {}
                         }
-                    } else if b == 0x01 {
+                        continue;
+                    }
+                    if t.mux && b == 0x01 {
                         escape = true;
-                    } else {
-                        out.push(b);
+                        continue;
+                    }
+                    if !in_monitor {
+                        to_guest.push(b);
+                        continue;
+                    }
+                    // Monitor line editing (raw mode: we echo).
+                    match b {
+                        b'\r' | b'\n' => {
+                            if b == b'\n' && line.is_empty() && t.mux {
+                                continue;
+                            }
+                            if t.mux {
+                                print("\r\n");
+                            }
+                            if let Some(m) = &t.monitor {
+                                let r = hmp::execute(m, &line);
+                                print(&r.output);
+                                if r.quit {
+                                    return;
+                                }
+                                print("(qemu) ");
+                            }
+                            line.clear();
+                        }
+                        0x7f | 0x08 => {
+                        let erased = line.pop().is_some();
+                        if erased && t.mux {
+                            print("\x08 \x08");
+                        }
+                    }
+                    c if c >= 0x20 => {
+                            line.push(c as char);
+                            if t.mux {
+                                print(&(c as char).to_string());
+                            }
+                        }
+                        _ => {}
                     }
                 }
-                feed(&serial, &out);
+                if let Some(s) = &t.serial {
+                    feed(s, &to_guest);
+                }
             }
         });
 }

@@ -1,5 +1,6 @@
 mod cli;
 mod console;
+mod drive;
 mod run;
 
 fn main() {

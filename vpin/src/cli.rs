@@ -107,7 +107,7 @@ pub enum PinOutput {
 struct PinArgs {
     /// TARGET (PID or guest name, omitted with --pidfile), then ROLE=CPULIST
     /// assignments: vcpuN, vcpus (every vCPU), emulator, io
-    #[arg(value_name = "TARGET ROLE=CPULIST", required = true)]
+    #[arg(value_name = "TARGET ROLE=CPULIST")]
     args: Vec<String>,
     /// Pin every thread of the process to CPULIST (roles given override it)
     #[arg(long, value_name = "CPULIST")]
@@ -223,7 +223,11 @@ fn run(cli: Cli) -> Outcome {
             hostview::print_list(&guests, a.json)
         }
         Command::Pin(a) => {
-            let (target, assignments) = if a.target_args.pidfile.is_some() {
+            // TARGET is omitted with --pidfile, and may be with --qmp.
+            let implicit = a.args.is_empty()
+                || a.target_args.pidfile.is_some()
+                || (a.target_args.qmp.is_some() && a.args[0].contains('='));
+            let (target, assignments) = if implicit {
                 (None, &a.args[..])
             } else {
                 (Some(a.args[0].as_str()), &a.args[1..])
@@ -237,7 +241,7 @@ fn run(cli: Cli) -> Outcome {
             } else {
                 a.output
             };
-            pin::run(&guest, &request, a.dry_run, output)
+            pin::run(root, &guest, &request, a.dry_run, output)
         }
         Command::Cpus(a) => hostview::print_cpus(root, a.json),
         Command::Plan(a) => {

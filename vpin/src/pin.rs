@@ -44,6 +44,10 @@ impl std::fmt::Display for Selector {
     }
 }
 
+/// Threads to change (with their new affinity), and threads left out
+/// because the kernel forbids changing them.
+pub type Targets<'g> = (Vec<(&'g GuestThread, CpuSet)>, Vec<&'g GuestThread>);
+
 /// The parsed assignments of a `vpin pin` command.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
@@ -99,8 +103,10 @@ impl Request {
         Ok(req)
     }
 
-    /// The new affinity of each thread this request touches, by thread.
-    pub fn targets<'g>(&self, guest: &'g Guest) -> Result<Vec<(&'g GuestThread, CpuSet)>, Failure> {
+    /// The new affinity of each thread this request touches, by thread; and
+    /// the selected threads whose affinity the kernel does not let anyone
+    /// change (`PF_NO_SETAFFINITY`), which are left out.
+    pub fn targets<'g>(&self, guest: &'g Guest) -> Result<Targets<'g>, Failure> {
         for sel in self.assignments.keys() {
             if let Selector::Vcpu(n) = sel {
                 if guest.vcpu(*n).is_none() {
@@ -135,6 +141,7 @@ impl Request {
             )));
         }
         let mut out = Vec::new();
+        let mut fixed = Vec::new();
         for t in &guest.threads {
             let mut new = None;
             for (sel, cpus) in &self.assignments {
@@ -150,10 +157,14 @@ impl Request {
                 }
             }
             if let Some(cpus) = new {
-                out.push((t, cpus));
+                if t.no_setaffinity {
+                    fixed.push(t);
+                } else {
+                    out.push((t, cpus));
+                }
             }
         }
-        Ok(out)
+        Ok((out, fixed))
     }
 }
 
@@ -369,12 +380,74 @@ pub fn print_changes(
     }
 }
 
+/// Remarks on a placement: vCPUs sharing a CPU, vCPUs outside the isolated
+/// CPUs, other threads on isolated CPUs.
+pub fn advice(targets: &[(&GuestThread, CpuSet)], isolated: &CpuSet) -> Vec<String> {
+    let mut notes = Vec::new();
+    let vcpus: Vec<&(&GuestThread, CpuSet)> = targets
+        .iter()
+        .filter(|(t, _)| matches!(t.role, Role::Vcpu(_)))
+        .collect();
+    for (i, (a, ca)) in vcpus.iter().enumerate() {
+        for (b, cb) in &vcpus[i + 1..] {
+            if ca.len() == 1 && ca == cb {
+                notes.push(format!(
+                    "{} and {} share CPU {}",
+                    a.role,
+                    b.role,
+                    ca.to_list()
+                ));
+            }
+        }
+    }
+    if isolated.is_empty() {
+        return notes;
+    }
+    for (t, cpus) in targets {
+        let outside = cpus.difference(isolated);
+        let inside = cpus.intersection(isolated);
+        match t.role {
+            Role::Vcpu(_) if !outside.is_empty() => notes.push(format!(
+                "{} goes to CPUs {} that are not isolated (isolated: {})",
+                t.role,
+                outside.to_list(),
+                isolated.to_list()
+            )),
+            Role::Emulator | Role::Io if !inside.is_empty() => notes.push(format!(
+                "{} thread {} ({}) goes to isolated CPUs {}, where it competes with vCPUs",
+                t.role,
+                t.tid,
+                t.name,
+                inside.to_list()
+            )),
+            _ => {}
+        }
+    }
+    notes
+}
+
 /// `vpin pin`.
-pub fn run(guest: &Guest, req: &Request, dry: bool, out: PinOutput) -> Outcome {
+pub fn run(
+    root: &std::path::Path,
+    guest: &Guest,
+    req: &Request,
+    dry: bool,
+    out: PinOutput,
+) -> Outcome {
     for note in &guest.notes {
         eprintln!("vpin: note: {note}");
     }
-    let targets = req.targets(guest)?;
+    let (targets, fixed) = req.targets(guest)?;
+    let isolated = vcore::host::cpus::isolated(root).unwrap_or_default();
+    for note in advice(&targets, &isolated) {
+        eprintln!("vpin: note: {note}");
+    }
+    for t in fixed {
+        eprintln!(
+            "vpin: note: {} cannot be moved (the kernel sets PF_NO_SETAFFINITY); skipped",
+            describe(t)
+        );
+    }
     let mut vanished = guest.vanished.clone();
     let changes = if dry {
         let mut changes = Vec::new();
@@ -417,6 +490,44 @@ mod tests {
 
     fn words(w: &[&str]) -> Vec<String> {
         w.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn kernel_fixed_threads_are_left_out() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../vcore/tests/fixtures/vpin/host");
+        let g = vcore::host::threads::classify(&root, 777, None, None).unwrap();
+        let r = Request::parse(&[], Some("0")).unwrap();
+        let (targets, fixed) = r.targets(&g).unwrap();
+        assert_eq!(
+            targets.iter().map(|(t, _)| t.tid).collect::<Vec<_>>(),
+            [777]
+        );
+        assert_eq!(fixed.iter().map(|t| t.tid).collect::<Vec<_>>(), [778]);
+    }
+
+    #[test]
+    fn advice_on_placement() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../vcore/tests/fixtures/vpin/host");
+        let g = vcore::host::threads::classify(&root, 4242, None, None).unwrap();
+        let r = Request::parse(&words(&["vcpus=2", "io=3", "vcpu1=0"]), None).unwrap();
+        let (targets, _) = r.targets(&g).unwrap();
+        let notes = advice(&targets, &CpuSet::parse_list("2-3").unwrap());
+        assert_eq!(
+            notes,
+            [
+                "io thread 4244 (IO mon_iothread) goes to isolated CPUs 3, where it competes \
+                 with vCPUs",
+                "vcpu1 goes to CPUs 0 that are not isolated (isolated: 2,3)"
+            ]
+        );
+        let r = Request::parse(&words(&["vcpus=2"]), None).unwrap();
+        let (targets, _) = r.targets(&g).unwrap();
+        assert_eq!(
+            advice(&targets, &CpuSet::new()),
+            ["vcpu0 and vcpu1 share CPU 2"]
+        );
     }
 
     #[test]
@@ -466,6 +577,7 @@ mod tests {
         let t: Vec<(i32, String)> = r
             .targets(&g)
             .unwrap()
+            .0
             .into_iter()
             .map(|(t, c)| (t.tid, c.to_list()))
             .collect();

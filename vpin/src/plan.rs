@@ -197,6 +197,7 @@ pub fn run(root: &Path, guest: &Guest, cpus: Option<&CpuSet>, apply: bool, json:
         .collect();
     let req = pin::Request::parse(&words, None)?;
     pin::run(
+        root,
         guest,
         &req,
         false,

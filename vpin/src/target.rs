@@ -22,6 +22,8 @@ pub fn all_guests(root: &Path, vmm: Option<Vmm>) -> Result<Vec<Guest>, Failure> 
         match threads::classify(root, pid, Some(detected), known.as_ref()) {
             Ok(g) => guests.push(g),
             Err(threads::ThreadsError::Task(tasks::TaskError::NoProcess { .. })) => continue,
+            // Whatever failed, a process that has exited meanwhile is skipped.
+            Err(_) if !tasks::process_exists(root, pid) => continue,
             Err(e) => return Err(Failure::fail(e.to_string())),
         }
     }

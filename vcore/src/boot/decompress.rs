@@ -291,7 +291,7 @@ mod tests {
             decompress(payload(&img).unwrap()),
             Err(DecompressError::Unsupported("lzo"))
         ));
-        img[0x24c..0x250].copy_from_slice(&0xffff_fffu32.to_le_bytes());
+        img[0x24c..0x250].copy_from_slice(&0x0fff_ffff_u32.to_le_bytes());
         assert!(matches!(
             payload(&img),
             Err(DecompressError::BadPayload { .. })

@@ -4,7 +4,9 @@ pub mod bus;
 pub mod cmos;
 pub mod debug;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
+pub mod virtio;
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;

@@ -33,7 +33,14 @@ pub struct TaskInfo {
     pub psr: Option<u32>,
     /// `Cpus_allowed_list` from `status`.
     pub affinity: CpuSet,
+    /// The kernel forbids changing this thread's affinity (`PF_NO_SETAFFINITY`
+    /// in `stat` flags: io_uring workers `iou-wrk-*`/`iou-sqp-*`, some
+    /// kernel workers living in the process).
+    pub no_setaffinity: bool,
 }
+
+/// `PF_NO_SETAFFINITY` in `stat` field 9 (include/linux/sched.h).
+pub const PF_NO_SETAFFINITY: u32 = 0x0400_0000;
 
 /// The threads of a process, and those that exited while being read.
 #[derive(Debug, Clone, Default)]
@@ -200,6 +207,7 @@ pub fn read_task(root: &Path, pid: i32, tid: i32) -> Result<TaskInfo, TaskError>
         name: stat.comm,
         psr: stat.processor.and_then(|p| u32::try_from(p).ok()),
         affinity,
+        no_setaffinity: stat.flags & PF_NO_SETAFFINITY != 0,
     })
 }
 
@@ -395,6 +403,8 @@ mod tests {
         let t = read_task(&root, 777, 778).unwrap();
         assert_eq!(t.name, "a) (b c");
         assert_eq!(t.psr, Some(2));
+        assert!(t.no_setaffinity);
+        assert!(!read_task(&root, 777, 777).unwrap().no_setaffinity);
     }
 
     #[test]

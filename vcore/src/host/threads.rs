@@ -359,6 +359,9 @@ pub struct GuestThread {
     pub psr: Option<u32>,
     /// Its CPU affinity.
     pub affinity: CpuSet,
+    /// The kernel forbids changing its affinity (`PF_NO_SETAFFINITY`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_setaffinity: bool,
 }
 
 /// A VMM process and its classified threads.
@@ -546,6 +549,7 @@ pub fn classify(
             name: t.name,
             psr: t.psr,
             affinity: t.affinity,
+            no_setaffinity: t.no_setaffinity,
         })
         .collect();
     if let Some(known) = known {

@@ -6,6 +6,7 @@
 //! The qcow2 data path runs on `imago`; [`qcow2`] adds the metadata code
 //! imago lacks (header details, snapshots, check/repair, creation).
 
+pub mod direct;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;

@@ -3,8 +3,7 @@
 //! MMIO hole.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
@@ -194,23 +193,6 @@ pub fn describe(backing: &Backing) -> String {
         Backing::Memfd { hugetlb: true } => "memfd (hugetlb)".into(),
         Backing::Memfd { hugetlb: false } => "memfd".into(),
     }
-}
-
-/// Whether the file descriptor of a path is on hugetlbfs.
-pub fn is_hugetlbfs(path: &Path) -> bool {
-    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-    let Ok(f) = File::open(path) else {
-        return false;
-    };
-    let mut st: libc::statfs = unsafe_zeroed();
-    // SAFETY: fstatfs writes into the statfs struct we own.
-    let r = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
-    r == 0 && st.f_type as i64 == HUGETLBFS_MAGIC
-}
-
-fn unsafe_zeroed() -> libc::statfs {
-    // SAFETY: statfs is a plain C struct for which all-zero bytes are valid.
-    unsafe { std::mem::zeroed() }
 }
 
 #[cfg(test)]

@@ -2,13 +2,14 @@
 //! and PIT, the legacy devices, the vCPU threads, and the loop that waits
 //! for the guest to stop.
 
+pub mod control;
 pub mod memory;
 pub mod pvm;
 mod vcpu;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -29,6 +30,7 @@ use crate::devices::debug::{DebugExit, Markers, DEBUG_EXIT_PORT, MARKER_PORT};
 use crate::devices::i8042::{I8042, I8042_PORT};
 use crate::devices::serial::{SerialDevice, COM1_IRQ, COM1_PORT};
 use crate::devices::EventFdTrigger;
+pub use control::{RunState, VmControl};
 pub use memory::Backing;
 
 /// Where the guest's serial output goes.
@@ -57,6 +59,10 @@ pub struct VmConfig {
     pub serial: SerialOut,
     /// Apply the nested-PVM workarounds (see [`pvm`]).
     pub pvm_quirks: bool,
+    /// virtio-blk disks on PCI (see [`crate::devices::virtio`]).
+    pub disks: Vec<crate::devices::virtio::DiskSpec>,
+    /// A virtio-rng device on PCI.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -124,10 +130,7 @@ extern "C" fn on_stop_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Signal used to kick vCPU threads out of `KVM_RUN`.
-fn kick_signal() -> i32 {
-    libc::SIGRTMIN()
-}
+use control::kick_signal;
 
 /// Install the handlers for SIGINT/SIGTERM (stop the guest cleanly) and the
 /// vCPU kick signal. Safe to call more than once.
@@ -151,6 +154,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     markers: Markers,
     pvm_quirks: bool,
+    control: Arc<VmControl>,
+    pci: crate::devices::virtio::PciDevices,
     /// What was loaded, for reports.
     pub loaded: boot::Loaded,
     /// The command line the kernel got.
@@ -259,6 +264,10 @@ impl Vm {
         pio.insert(MARKER_PORT, 1, Arc::new(Mutex::new(markers.clone())))
             .map_err(dev_err)?;
 
+        // PCI root bus and virtio devices (MSI-X routes need the irqchip).
+        let pci = crate::devices::virtio::attach(&vm_fd, &mem, &pio, &mmio, &cfg.disks, cfg.rng)
+            .map_err(VmError::Device)?;
+
         // CPUID table for the model.
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -310,7 +319,9 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
+        let control = Arc::new(VmControl::new(vcpus.len(), events_tx.clone()));
         Ok(Vm {
+            control,
             _kvm: kvm,
             vm_fd,
             mem,
@@ -322,6 +333,7 @@ impl Vm {
             serial,
             markers,
             pvm_quirks: cfg.pvm_quirks,
+            pci,
             loaded,
             cmdline,
         })
@@ -358,6 +370,11 @@ impl Vm {
         self.events_tx.clone()
     }
 
+    /// Run control: pause/resume, vCPU thread ids, exit requests.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
     /// Boot markers recorded so far.
     pub fn markers(&self) -> Markers {
         self.markers.clone()
@@ -370,7 +387,6 @@ impl Vm {
         on_start: impl Fn(u32, i32) + Send + Sync + 'static,
     ) -> Result<VmExit, VmError> {
         install_signal_handlers();
-        let stop = Arc::new(AtomicBool::new(false));
         let on_start = Arc::new(on_start);
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
@@ -379,15 +395,17 @@ impl Vm {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 events: self.events_tx.clone(),
-                stop: stop.clone(),
+                control: self.control.clone(),
                 pvm_quirks: self.pvm_quirks,
             };
             let on_start = on_start.clone();
+            let control = self.control.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
+                    control.register(i as u32, tid);
                     on_start(i as u32, tid);
                     vcpu::run(vcpu, ctx)
                 })
@@ -411,7 +429,7 @@ impl Vm {
         };
 
         // Stop every vCPU: set the flag, then kick until each thread ends.
-        stop.store(true, Ordering::SeqCst);
+        self.control.stop();
         for h in threads {
             while !h.is_finished() {
                 // SAFETY: the thread is alive (not finished) and the kick
@@ -426,6 +444,7 @@ impl Vm {
             }
             let _ = h.join();
         }
+        self.pci.shutdown();
         if let Ok(mut s) = self.serial.lock() {
             s.flush();
         }

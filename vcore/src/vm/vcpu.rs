@@ -1,12 +1,11 @@
 //! The loop of one vCPU thread: run the guest, dispatch its exits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::{pvm, Events, VmExit};
+use super::{pvm, Events, VmControl, VmExit};
 use crate::devices::bus::Bus;
 
 pub(crate) struct VcpuCtx {
@@ -14,7 +13,7 @@ pub(crate) struct VcpuCtx {
     pub pio: Bus,
     pub mmio: Bus,
     pub events: Events,
-    pub stop: Arc<AtomicBool>,
+    pub control: Arc<VmControl>,
     pub pvm_quirks: bool,
 }
 
@@ -42,7 +41,7 @@ fn describe(vcpu: &VcpuFd, index: u32, what: &str, insn: &[u8]) -> String {
 
 pub(crate) fn run(mut vcpu: VcpuFd, ctx: VcpuCtx) {
     loop {
-        if ctx.stop.load(Ordering::SeqCst) {
+        if !ctx.control.wait_runnable() {
             return;
         }
         let next = match vcpu.run() {

@@ -10,7 +10,6 @@ use super::meta::{self, Header, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::image::raw::pread_full;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 /// Appending writer (see module docs).
@@ -27,22 +26,6 @@ pub struct SeqWriter {
 
 fn io(e: std::io::Error) -> String {
     e.to_string()
-}
-
-/// Compress one cluster like QEMU (zlib: raw deflate, window 2^12 not
-/// required for reading; zstd: one frame). `None` when it does not shrink.
-pub fn compress(ctype: u8, data: &[u8]) -> Option<Vec<u8>> {
-    let out = if ctype == 1 {
-        zstd::bulk::compress(data, 0).ok()?
-    } else {
-        let mut e = flate2::write::DeflateEncoder::new(
-            Vec::with_capacity(data.len() / 2),
-            flate2::Compression::default(),
-        );
-        e.write_all(data).ok()?;
-        e.finish().ok()?
-    };
-    (out.len() < data.len().saturating_sub(512).max(1)).then_some(out)
 }
 
 impl SeqWriter {

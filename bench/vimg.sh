@@ -1,0 +1,75 @@
+#!/bin/bash
+# vimg vs qemu-img, side by side on the same files, in one run.
+# Prints each command's median wall time (of RUNS runs) for both tools and
+# the ratio vimg/qemu-img (< 1.0 = vimg faster).
+#
+# Usage: bench/vimg.sh [WORKDIR]      (needs ~16 GiB free; RUNS=3 by default)
+#        VIMG=/path/to/vimg bench/vimg.sh
+# Builds target/release/vimg if VIMG is not set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+DIR=${1:-/tmp/vimg-bench}
+if [ -z "${VIMG:-}" ]; then
+    cargo build --release -q -p vimg
+    VIMG=$PWD/target/release/vimg
+fi
+QEMU_IMG=${QEMU_IMG:-qemu-img}
+command -v "$QEMU_IMG" >/dev/null || { echo "qemu-img not found" >&2; exit 1; }
+mkdir -p "$DIR"
+cd "$DIR"
+echo "# $($QEMU_IMG --version | head -1); vimg $($VIMG --version | awk '{print $2}'); $(nproc) CPUs; $(date -u +%F)"
+
+# Test data (made once).
+if [ ! -f rnd.bin ]; then head -c $((64 << 20)) /dev/urandom > rnd.bin; fi
+if [ ! -f src.raw ]; then
+    truncate -s 20G src.raw
+    for i in $(seq 0 511); do
+        dd if=rnd.bin of=src.raw bs=1M count=1 skip=$((i % 64)) seek=$((i * 40)) conv=notrunc status=none
+    done
+fi
+[ -f img.qcow2 ] || "$QEMU_IMG" convert -f raw -O qcow2 src.raw img.qcow2
+if [ ! -f full4g.raw ]; then for i in $(seq 1 64); do cat rnd.bin; done > full4g.raw; fi
+[ -f full4g.qcow2 ] || "$QEMU_IMG" convert -f raw -O qcow2 full4g.raw full4g.qcow2
+if [ ! -f text1g.raw ]; then
+    awk 'BEGIN { for (i = 0; i < 21474836; i++) printf "line %08d of some fairly compressible text data\n", i }' |
+        head -c $((1 << 30)) > text1g.raw || true
+fi
+
+# median wall time in seconds of: "$@" (run RUNS times, `pre` command first)
+median() {
+    local pre=$1; shift
+    local ts=()
+    for _ in $(seq "$RUNS"); do
+        eval "$pre"
+        local t0 t1
+        t0=$(date +%s.%N)
+        "$@" >/dev/null 2>&1 || { echo "FAILED: $*" >&2; }
+        t1=$(date +%s.%N)
+        ts+=("$(echo "$t1 - $t0" | bc)")
+    done
+    printf '%s\n' "${ts[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"
+}
+
+row() {
+    local name=$1 pre=$2; shift 2
+    local q v
+    q=$(median "$pre" "$QEMU_IMG" "$@")
+    v=$(median "$pre" "$VIMG" "$@")
+    printf '%-52s %9.3f %9.3f %7.2f\n' "$name" "$q" "$v" "$(echo "$v / $q" | bc -l)"
+}
+
+printf '%-52s %9s %9s %7s\n' "command" "qemu-img" "vimg" "ratio"
+row "info img.qcow2 (20G, 512M data)" ":" info img.qcow2
+row "check img.qcow2" ":" check img.qcow2
+row "map --output=json img.qcow2" ":" map --output=json img.qcow2
+row "create -o preallocation=metadata 200G" "rm -f m200.qcow2" create -q -f qcow2 -o preallocation=metadata m200.qcow2 200G
+"$QEMU_IMG" create -q -f qcow2 -o preallocation=metadata m200.qcow2 200G
+row "check m200.qcow2 (3.2M clusters)" ":" check m200.qcow2
+row "convert -O raw full4g.qcow2 (4G allocated)" "rm -f out.raw" convert -O raw full4g.qcow2 out.raw
+row "convert -O qcow2 full4g.raw" "rm -f out.qcow2" convert -f raw -O qcow2 full4g.raw out.qcow2
+row "convert -O raw img.qcow2 (sparse)" "rm -f out.raw" convert -O raw img.qcow2 out.raw
+row "convert -c -O qcow2 text1g.raw (zlib)" "rm -f out.qcow2" convert -c -f raw -O qcow2 text1g.raw out.qcow2
+row "convert -c zstd text1g.raw" "rm -f out.qcow2" convert -c -f raw -O qcow2 -o compression_type=zstd text1g.raw out.qcow2
+row "compare -f raw -F qcow2 src.raw img.qcow2" ":" compare -f raw -F qcow2 src.raw img.qcow2
+rm -f out.raw out.qcow2 m200.qcow2
