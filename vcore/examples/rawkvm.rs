@@ -4,15 +4,20 @@
 //! linux-loader, writes a PVH `hvm_start_info` with the command line, enters
 //! the PVH entry in 32-bit protected mode and runs the vCPU until the guest
 //! writes its status to the debug-exit port 0x501. Other port writes are
-//! ignored, reads return 0xff. No irqchip, no devices, no threads.
+//! ignored, reads return 0xff. No devices, no threads, and no irqchip unless
+//! `--irqchip` asks for the in-kernel PIC/IOAPIC/LAPIC and PIT that any VMM
+//! booting Linux this way creates (vmrun does): that shows what they cost
+//! KVM to create and, mostly, to destroy.
 //!
-//!   cargo run --release -p vcore --example rawkvm -- GUEST.elf [CMDLINE]
+//!   cargo run --release -p vcore --example rawkvm -- [--irqchip] GUEST.elf [CMDLINE]
 //!
 //! Exit status: the byte the guest wrote to port 0x501; 1 on any failure.
 
 use std::io::Cursor;
 
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{
+    kvm_pit_config, kvm_segment, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuExit};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
@@ -25,12 +30,20 @@ const CMDLINE: u64 = 0x20000;
 const DEBUG_EXIT: u16 = 0x501;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() < 2 {
-        eprintln!("usage: rawkvm GUEST.elf [CMDLINE]");
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let irqchip = args.first().is_some_and(|a| a == "--irqchip");
+    if irqchip {
+        args.remove(0);
+    }
+    if args.is_empty() || args.len() > 2 {
+        eprintln!("usage: rawkvm [--irqchip] GUEST.elf [CMDLINE]");
         std::process::exit(2);
     }
-    match run(&args[1], args.get(2).map(String::as_str).unwrap_or("")) {
+    match run(
+        &args[0],
+        args.get(1).map(String::as_str).unwrap_or(""),
+        irqchip,
+    ) {
         Ok(status) => std::process::exit(i32::from(status)),
         Err(e) => {
             eprintln!("rawkvm: {e}");
@@ -39,7 +52,7 @@ fn main() {
     }
 }
 
-fn run(path: &str, cmdline: &str) -> Result<u8, String> {
+fn run(path: &str, cmdline: &str, irqchip: bool) -> Result<u8, String> {
     let image = std::fs::read(path).map_err(|e| format!("could not read '{path}': {e}"))?;
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
     let vm = kvm.create_vm().map_err(|e| format!("create VM: {e}"))?;
@@ -56,6 +69,18 @@ fn run(path: &str, cmdline: &str) -> Result<u8, String> {
         // SAFETY: the region is a live mapping owned by `mem`, which outlives
         // the VM (both are dropped at the end of this function).
         unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("map memory: {e}"))?;
+    }
+    if irqchip {
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| format!("set TSS address: {e}"))?;
+        vm.create_irq_chip()
+            .map_err(|e| format!("create irqchip: {e}"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| format!("create PIT: {e}"))?;
     }
 
     let loaded = Elf::load(&mem, None, &mut Cursor::new(&image), None)
