@@ -36,17 +36,20 @@ if [ ! -f text1g.raw ]; then
         head -c $((1 << 30)) > text1g.raw || true
 fi
 
-# median wall time in seconds of: "$@" (run RUNS times, `pre` command first)
+# median of RUNS runs of "$@" (after running `pre`), each run being REP
+# back-to-back invocations: prints "wall cpu" seconds per invocation.
+REP=1
 median() {
     local pre=$1; shift
     local ts=()
     for _ in $(seq "$RUNS"); do
         eval "$pre"
         local t0 t1
-        t0=$(date +%s.%N)
-        "$@" >/dev/null 2>&1 || { echo "FAILED: $*" >&2; }
-        t1=$(date +%s.%N)
-        ts+=("$(echo "$t1 - $t0" | bc)")
+        t0=$(date +%s%N)
+        /usr/bin/time -f "%U %S" -o /tmp/vimg-bench-time bash -c \
+            'for i in $(seq '"$REP"'); do "$@" >/dev/null 2>&1 || echo "FAILED: $*" >&2; done' _ "$@"
+        t1=$(date +%s%N)
+        ts+=("$(awk -v w="$((t1 - t0))" -v r="$REP" '{printf "%.4f %.4f", w / 1e9 / r, ($1 + $2) / r}' /tmp/vimg-bench-time)")
     done
     printf '%s\n' "${ts[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"
 }
@@ -56,16 +59,22 @@ row() {
     local q v
     q=$(median "$pre" "$QEMU_IMG" "$@")
     v=$(median "$pre" "$VIMG" "$@")
-    printf '%-52s %9.3f %9.3f %7.2f\n' "$name" "$q" "$v" "$(echo "$v / $q" | bc -l)"
+    set -- $q $v
+    printf '%-46s %8.4f %8.4f %6.2f | %7.3f %7.3f %6.2f\n' "$name" "$1" "$3" \
+        "$(echo "$3 / $1" | bc -l)" "$2" "$4" "$(echo "($4 + 0.0005) / ($2 + 0.0005)" | bc -l)"
 }
 
-printf '%-52s %9s %9s %7s\n' "command" "qemu-img" "vimg" "ratio"
+printf '%-46s %8s %8s %6s | %7s %7s %6s\n' "command (wall s | cpu s)" "qemu-img" "vimg" "ratio" "qemu" "vimg" "ratio"
+REP=20
 row "info img.qcow2 (20G, 512M data)" ":" info img.qcow2
 row "check img.qcow2" ":" check img.qcow2
 row "map --output=json img.qcow2" ":" map --output=json img.qcow2
+REP=1
 row "create -o preallocation=metadata 200G" "rm -f m200.qcow2" create -q -f qcow2 -o preallocation=metadata m200.qcow2 200G
 "$QEMU_IMG" create -q -f qcow2 -o preallocation=metadata m200.qcow2 200G
+REP=5
 row "check m200.qcow2 (3.2M clusters)" ":" check m200.qcow2
+REP=1
 row "convert -O raw full4g.qcow2 (4G allocated)" "rm -f out.raw" convert -O raw full4g.qcow2 out.raw
 row "convert -O qcow2 full4g.raw" "rm -f out.qcow2" convert -f raw -O qcow2 full4g.raw out.qcow2
 row "convert -O raw img.qcow2 (sparse)" "rm -f out.raw" convert -O raw img.qcow2 out.raw

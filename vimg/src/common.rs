@@ -102,3 +102,10 @@ pub fn allocated_bytes(path: &str) -> u64 {
         .map(|m| m.blocks() * 512)
         .unwrap_or(0)
 }
+
+/// qemu-img's warning when a read-write open probed a raw image.
+pub fn warn_probed_raw(file: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+    );
+}

@@ -1,7 +1,7 @@
 //! `vimg compare [-s] A B`: 0 identical, 1 different, 2 error (qemu-img's
 //! messages; mismatches are reported at 512-byte granularity).
 
-use crate::map::{open_chain, read_chain, Layer};
+use crate::map::{is_zero_range, open_chain, read_chain, Layer};
 use vcore::image::Format;
 
 const CHUNK: usize = 2 << 20;
@@ -53,6 +53,13 @@ pub fn run(
     let mut off = 0u64;
     while off < common {
         let n = (common - off).min(CHUNK as u64) as usize;
+        // Both sides read as zeroes here: nothing to read.
+        if matches!(is_zero_range(&mut a, off, n as u64), Ok(true))
+            && matches!(is_zero_range(&mut b, off, n as u64), Ok(true))
+        {
+            off += n as u64;
+            continue;
+        }
         if let Err(e) = read_chain(&mut a, off, &mut b1[..n]) {
             eprintln!(
                 "vimg: Error while reading offset {off} of {f1}: {}",
@@ -95,6 +102,10 @@ pub fn run(
         let mut off = common;
         while off < size {
             let n = (size - off).min(CHUNK as u64) as usize;
+            if matches!(is_zero_range(big, off, n as u64), Ok(true)) {
+                off += n as u64;
+                continue;
+            }
             if let Err(e) = read_chain(big, off, &mut b1[..n]) {
                 eprintln!(
                     "vimg: Error while reading offset {off} of {name}: {}",

@@ -49,7 +49,13 @@ pub fn run(a: ResizeArgs) -> R<()> {
         image::open_file(Path::new(&a.file), &opts).map_err(|e| fail(open_error_text(&e)))?;
     let format = match format {
         Some(f) => f,
-        None => image::probe_file(&file).map_err(|e| fail(open_error_text(&e)))?,
+        None => {
+            let f = image::probe_file(&file).map_err(|e| fail(open_error_text(&e)))?;
+            if f == Format::Raw {
+                crate::common::warn_probed_raw(&a.file);
+            }
+            f
+        }
     };
     let dev: Dev = match format {
         Format::Raw => {

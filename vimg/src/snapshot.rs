@@ -30,7 +30,13 @@ fn open_qcow2(
     let f = image::open_file(Path::new(file), &opts).map_err(|e| fail(open_error_text(&e)))?;
     let format = match format {
         Some(f) => f,
-        None => image::probe_file(&f).map_err(|e| fail(open_error_text(&e)))?,
+        None => {
+            let p = image::probe_file(&f).map_err(|e| fail(open_error_text(&e)))?;
+            if p == Format::Raw && rw {
+                crate::common::warn_probed_raw(file);
+            }
+            p
+        }
     };
     if format == Format::Qcow2 {
         let h = Header::read(&f).map_err(|m| fail(format!("Could not open '{file}': {m}")))?;

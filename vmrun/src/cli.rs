@@ -16,6 +16,10 @@ Examples:
   # Send the console to a file and run in the background of a script:
   vmrun -m 256m -kernel bzImage -append console=ttyS0 -serial file:boot.log -no-reboot &
 
+  # Boot a Linux disk image (raw or qcow2) like qemu-kvm, and see what it boots:
+  vmrun -smp 1 -m 512m -nographic disk.qcow2
+  vmrun --print-boot disk.qcow2
+
   # Boot from a qcow2 disk with an entropy source:
   vmrun -m 256m -kernel bzImage -append 'console=ttyS0 root=/dev/vda rw' \\
         -drive file=disk.qcow2,if=virtio,cache=writeback -device virtio-rng-pci -nographic
@@ -163,6 +167,15 @@ pub struct Cli {
     /// A device: virtio-rng-pci, or virtio-blk-pci,drive=ID for an if=none drive
     #[arg(long, value_name = "DRIVER[,prop=value...]")]
     pub device: Vec<String>,
+    /// Disk image (raw or qcow2) to boot from when no -kernel is given
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Show what would be booted from the disk image (kernel, initrd, command line) and exit
+    #[arg(long = "print-boot")]
+    pub print_boot: bool,
+    /// Firmware image: not supported yet (disk images boot without firmware; see docs/boot.md)
+    #[arg(long, value_name = "FILE")]
+    pub bios: Option<PathBuf>,
 }
 
 /// Rewrite QEMU-style single-dash long options (`-smp`) to `--smp`.

@@ -1,5 +1,6 @@
 mod cli;
 mod console;
+mod diskboot;
 mod drive;
 mod run;
 

@@ -317,12 +317,62 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
             )));
         }
     }
-    let kernel = cli.kernel.clone().ok_or_else(|| {
-        Failure::Usage(
-            "no kernel given: use -kernel FILE (booting from a disk image is not supported yet)"
-                .into(),
-        )
-    })?;
+    if let Some(b) = &cli.bios {
+        return Err(Failure::Runtime(anyhow!(
+            "-bios {}: firmware boot is not supported yet; vmrun boots a Linux disk image \
+             without firmware (give the image without -bios) or a kernel with -kernel \
+             (see docs/boot.md)",
+            b.display()
+        )));
+    }
+    // The kernel: -kernel, or the one the boot disk's configuration names.
+    let serial_console = !matches!(cli.serial.as_deref(), Some("null" | "none"));
+    let mut _staged = None;
+    let boot_disk =
+        crate::diskboot::boot_disk(cli.image.as_deref(), cli.hda.as_deref(), &cli.drive)
+            .map_err(Failure::Usage)?;
+    let (kernel, initrd, cmdline) = match (&cli.kernel, &boot_disk) {
+        (Some(k), _) if !cli.print_boot => (
+            k.clone(),
+            cli.initrd.clone(),
+            cli.append.clone().unwrap_or_default(),
+        ),
+        (Some(_), _) => {
+            return Err(Failure::Usage(
+                "--print-boot shows what vmrun would boot from a disk image; give IMAGE \
+                 without -kernel"
+                    .into(),
+            ))
+        }
+        (None, Some((image, image_format))) => {
+            if let Some(i) = &cli.initrd {
+                return Err(Failure::Usage(format!(
+                    "-initrd {}: an initrd needs -kernel (the disk's boot entry names its own)",
+                    i.display()
+                )));
+            }
+            let (entry, format) = crate::diskboot::find(image, *image_format)?;
+            let cmdline =
+                crate::diskboot::cmdline(&entry.cmdline, cli.append.as_deref(), serial_console);
+            if cli.print_boot {
+                crate::diskboot::print(image, format, &entry, &cmdline, cli.output)?;
+                return Ok(0);
+            }
+            let staged = entry
+                .stage()
+                .context("could not stage the kernel from the disk in memory")?;
+            let r = (staged.kernel.clone(), staged.initrd.clone(), cmdline);
+            _staged = Some(staged);
+            r
+        }
+        (None, None) => {
+            return Err(Failure::Usage(if cli.print_boot {
+                "--print-boot needs a disk IMAGE".into()
+            } else {
+                "no kernel given: use -kernel FILE, or give a disk IMAGE to boot".into()
+            }))
+        }
+    };
     let (backing, prealloc, object_size) = memory_backend(&cli)?;
     let mem_arg = cli.mem.clone().unwrap_or_else(|| "128M".into());
     let mem_arg = mem_arg
@@ -418,8 +468,10 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
     }
 
     let devices = crate::drive::parse_devices(&cli.device).map_err(Failure::Usage)?;
-    let disks = crate::drive::open_all(cli.hda.as_deref(), &cli.drive, &devices, cli.snapshot)
-        .map_err(|e| match e {
+    // The positional IMAGE is the first disk, like QEMU's (-hda).
+    let hda = cli.hda.as_deref().or(cli.image.as_deref());
+    let disks =
+        crate::drive::open_all(hda, &cli.drive, &devices, cli.snapshot).map_err(|e| match e {
             crate::drive::DriveError::Usage(m) => Failure::Usage(m),
             crate::drive::DriveError::Open(m) => Failure::Runtime(anyhow!(m)),
         })?;
@@ -478,8 +530,8 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
             prealloc,
             cpu: cpu.clone(),
             kernel: kernel.clone(),
-            initrd: cli.initrd.clone(),
-            cmdline: cli.append.clone().unwrap_or_default(),
+            initrd: initrd.clone(),
+            cmdline: cmdline.clone(),
             decompress: match cli.kernel_decompress {
                 DecompressArg::Host => Decompress::Host,
                 DecompressArg::Guest => Decompress::Guest,

@@ -4,6 +4,7 @@
 //! the MP table.
 
 pub mod decompress;
+pub mod disk;
 pub mod layout;
 pub mod mptable;
 pub mod regs;

@@ -256,3 +256,201 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
         _ => Err(Error::OutOfRange { offset, len, size }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::qcow2::create::{create, CreateOptions, Prealloc};
+    use super::qcow2::meta::{self, Header};
+    use super::*;
+    use std::sync::Arc;
+
+    fn assert_send_sync<T: Send + Sync + ?Sized>() {}
+
+    fn exercise(dev: &dyn BlockDevice) {
+        let size = dev.size();
+        assert_eq!(size, 4 << 20);
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        dev.write_at(&data, 1000).unwrap();
+        let mut back = vec![0u8; data.len()];
+        dev.read_at(&mut back, 1000).unwrap();
+        assert_eq!(back, data);
+        dev.write_zeroes(65536, 4096).unwrap();
+        let mut z = vec![1u8; 4096];
+        dev.read_at(&mut z, 65536).unwrap();
+        assert!(z.iter().all(|&b| b == 0));
+        dev.flush().unwrap();
+        let (a, len) = dev.mapping(0, size).unwrap();
+        assert!(len >= 1);
+        assert!(matches!(a, Allocation::Data { .. }), "{a:?}");
+        let (a, _) = dev.mapping(3 << 20, 4096).unwrap();
+        assert!(!matches!(a, Allocation::Data { .. }), "{a:?}");
+        // Out of range and read-only errors, no panics.
+        let mut b = [0u8; 16];
+        assert!(dev.read_at(&mut b, size - 8).is_err());
+        assert!(dev.write_at(&b, u64::MAX - 4).is_err());
+    }
+
+    #[test]
+    fn raw_and_qcow2_devices_read_write_map() {
+        assert_send_sync::<dyn BlockDevice>();
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("d.raw");
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let q = dir.path().join("d.qcow2");
+        create(
+            &q,
+            &CreateOptions {
+                size: 4 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for (p, f) in [(&raw, Format::Raw), (&q, Format::Qcow2)] {
+            assert_eq!(probe(p).unwrap(), f);
+            let dev = open(p, &OpenOptions::default()).unwrap();
+            assert_eq!(dev.format(), f);
+            exercise(dev.as_ref());
+            // A second writer is refused by the QEMU lock bytes; -U readers pass.
+            let e = open(p, &OpenOptions::default()).err().unwrap();
+            assert!(e.to_string().contains("Failed to get"), "{e}");
+            let ro = OpenOptions {
+                read_only: true,
+                force_share: true,
+                ..Default::default()
+            };
+            let r = open(p, &ro).unwrap();
+            assert!(r.read_only());
+            assert!(matches!(r.write_at(&[1], 0), Err(Error::ReadOnly)));
+            drop(dev);
+            // Concurrent use from threads.
+            drop(r);
+            let dev: Arc<dyn BlockDevice> = Arc::from(open(p, &OpenOptions::default()).unwrap());
+            let hs: Vec<_> = (0..4u8)
+                .map(|t| {
+                    let d = Arc::clone(&dev);
+                    std::thread::spawn(move || {
+                        let buf = vec![t + 1; 65536];
+                        d.write_at(&buf, t as u64 * 65536 + (1 << 20)).unwrap();
+                        let mut b = vec![0u8; 65536];
+                        d.read_at(&mut b, t as u64 * 65536 + (1 << 20)).unwrap();
+                        assert!(b.iter().all(|&x| x == t + 1));
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+        }
+        // The qcow2 image stays consistent.
+        let f = std::fs::File::open(&q).unwrap();
+        let r = qcow2::check::check(&f, qcow2::check::Fix::NONE, &mut |_| {}).unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0));
+    }
+
+    #[test]
+    fn header_roundtrip_and_refblock_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        for (bits, v3, prealloc) in [
+            (16, true, Prealloc::Off),
+            (1, true, Prealloc::Metadata),
+            (64, true, Prealloc::Off),
+            (16, false, Prealloc::Off),
+        ] {
+            let p = dir.path().join(format!("h{bits}{v3}.qcow2"));
+            let o = CreateOptions {
+                size: 1 << 30,
+                refcount_bits: bits,
+                v3,
+                prealloc,
+                backing_file: Some("base.img".into()),
+                backing_format: Some("raw".into()),
+                ..Default::default()
+            };
+            if prealloc != Prealloc::Off {
+                assert!(create(&p, &o).is_err(), "backing + preallocation refused");
+                continue;
+            }
+            create(&p, &o).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            let h = Header::read(&f).unwrap();
+            assert_eq!(h.refcount_bits(), bits);
+            assert_eq!(h.backing_file.as_deref(), Some("base.img"));
+            assert_eq!(h.backing_format.as_deref(), Some("raw"));
+            assert_eq!(h.size, 1 << 30);
+            let again = h.serialize().unwrap();
+            let mut first = vec![0u8; again.len()];
+            raw::pread_full(&f, &mut first, 0).unwrap();
+            assert_eq!(first, again, "serialize(read(x)) == x");
+        }
+        for order in 0..=6u32 {
+            let mut b = vec![0u8; 512];
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
+            let n = 512 * 8 / (1u64 << order);
+            for i in 0..n {
+                meta::refblock_set(&mut b, order, i, (i * 7) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    meta::refblock_get(&b, order, i),
+                    (i * 7) & max,
+                    "order {order} entry {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_headers_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.qcow2");
+        create(
+            &p,
+            &CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let cases: &[(usize, &[u8], &str)] = &[
+            (4, &[0, 0, 0, 4], "Unsupported qcow2 version 4"),
+            (20, &[0, 0, 0, 8], "Unsupported cluster size: 2^8"),
+            (
+                72,
+                &[0, 0, 0, 0, 0, 0, 0, 0x20],
+                "Unsupported qcow2 feature(s): Unknown incompatible feature: 20",
+            ),
+            (
+                96,
+                &[0, 0, 0, 7],
+                "Reference count entry width too large; may not exceed 64 bits",
+            ),
+            (36, &[0xff, 0xff, 0xff, 0xff], "Active L1 table too large"),
+            (100, &[0, 0, 0, 8], "qcow2 header too short"),
+            (0, b"QFI\xfa", "Image is not in qcow2 format"),
+        ];
+        for (off, bytes, msg) in cases {
+            let mut b = good.clone();
+            b[*off..*off + bytes.len()].copy_from_slice(bytes);
+            std::fs::write(&p, &b).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            assert_eq!(Header::read(&f).unwrap_err(), *msg);
+            let e = open(
+                &p,
+                &OpenOptions {
+                    format: Some(Format::Qcow2),
+                    read_only: true,
+                    ..Default::default()
+                },
+            );
+            assert!(e.is_err());
+        }
+    }
+}

@@ -823,3 +823,192 @@ pub fn change_refcount_order(f: &File, order: u32) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Switch an image to a new active state and snapshot list in one atomic
+/// header write ("shadow paging"): the new active L1 gets fresh copies of
+/// the L2 tables `active_src` points to, a new snapshot table and complete
+/// new refcount structures are written to free space at the end of the
+/// file, COPIED flags are computed from the new refcounts, and only then
+/// are size, L1, refcount table and snapshot table pointers switched with a
+/// single write inside the first header sector. A crash before that write
+/// leaves the old image untouched; after it, the new one complete.
+pub fn commit_state(
+    f: &File,
+    size: u64,
+    active_src: &[u64],
+    snaps: &[meta::Snapshot],
+) -> Result<(), String> {
+    let h = Header::read(f)?;
+    let cs = h.cluster_size();
+    let esz = h.l2_entry_size() as usize;
+    let err = |e: std::io::Error| e.to_string();
+    let mut end = f.metadata().map_err(err)?.len().next_multiple_of(cs);
+    let mut alloc = |n: u64| {
+        let o = end;
+        end += n.next_multiple_of(cs).max(cs);
+        o
+    };
+    // 1. Fresh L2 copies (COPIED cleared for now) and the new L1.
+    let need = (h.l1_entries_for(size) as usize).max(active_src.len());
+    let mut l1 = vec![0u64; need];
+    let mut copies: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    for (i, e) in active_src.iter().enumerate() {
+        let src = e & OFFSET_MASK;
+        if src == 0 {
+            continue;
+        }
+        let mut t = read_zero_padded(f, src, cs).map_err(err)?;
+        for c in t.chunks_exact_mut(esz) {
+            let v = u64::from_be_bytes(c[..8].try_into().unwrap_or([0; 8]));
+            c[..8].copy_from_slice(&(v & !OFLAG_COPIED).to_be_bytes());
+        }
+        let off = alloc(cs);
+        f.write_all_at(&t, off).map_err(err)?;
+        l1[i] = off;
+        copies.push((i, off, t));
+    }
+    let l1_off = if need > 0 { alloc(need as u64 * 8) } else { 0 };
+    if need > 0 {
+        meta::write_table(f, l1_off, &l1).map_err(err)?;
+    }
+    let table = meta::serialize_snapshots(snaps);
+    let snap_off = if snaps.is_empty() {
+        0
+    } else {
+        let o = alloc(table.len() as u64);
+        let mut b = table.clone();
+        b.resize(b.len().next_multiple_of(cs as usize), 0);
+        f.write_all_at(&b, o).map_err(err)?;
+        o
+    };
+    // 2. References of the new state.
+    let mut vh = h.clone();
+    vh.size = size;
+    vh.l1_size = need as u32;
+    vh.l1_table_offset = l1_off;
+    vh.nb_snapshots = snaps.len() as u32;
+    vh.snapshots_offset = snap_off;
+    let file_len = f.metadata().map_err(err)?.len();
+    let mut ctx = Ctx {
+        f,
+        h: vh.clone(),
+        file_len,
+        reftable: Vec::new(),
+        rb_cache: HashMap::new(),
+        last: (u64::MAX, Vec::new()),
+    };
+    let mut t = new_imrt(&ctx);
+    let mut res = CheckResult::default();
+    let mut sink = |_: &str| {};
+    inc(&ctx, &mut res, &mut t, 0, cs, &mut sink);
+    check_l1(
+        &ctx,
+        &mut res,
+        &mut t,
+        l1_off,
+        need as u64,
+        false,
+        &mut sink,
+    )
+    .map_err(|_| "Input/output error".to_string())?;
+    for s in snaps {
+        check_l1(
+            &ctx,
+            &mut res,
+            &mut t,
+            s.l1_table_offset,
+            s.l1_size as u64,
+            false,
+            &mut sink,
+        )
+        .map_err(|_| "Input/output error".to_string())?;
+    }
+    inc(
+        &ctx,
+        &mut res,
+        &mut t,
+        snap_off,
+        table.len() as u64,
+        &mut sink,
+    );
+    if let Some((_, dir_size, dir_off)) = h.bitmaps {
+        inc(&ctx, &mut res, &mut t, dir_off, dir_size, &mut sink);
+    }
+    if res.corruptions != 0 || res.check_errors != 0 {
+        return Err("the image has errors; repair it with 'vimg check -r all' first".into());
+    }
+    // 3. COPIED flags from the new refcounts.
+    let rc = |t: &Imrt, off: u64| t.v.get((off / cs) as usize).copied().unwrap_or(0);
+    for (i, off, mut tb) in copies {
+        for c in tb.chunks_exact_mut(esz) {
+            let v = u64::from_be_bytes(c[..8].try_into().unwrap_or([0; 8]));
+            if v & meta::OFLAG_COMPRESSED == 0
+                && v & OFFSET_MASK != 0
+                && rc(&t, v & OFFSET_MASK) == 1
+            {
+                c[..8].copy_from_slice(&(v | OFLAG_COPIED).to_be_bytes());
+            }
+        }
+        f.write_all_at(&tb, off).map_err(err)?;
+        if rc(&t, off) == 1 {
+            l1[i] = off | OFLAG_COPIED;
+        }
+    }
+    if need > 0 {
+        meta::write_table(f, l1_off, &l1).map_err(err)?;
+    }
+    // 4. New refcount structures after everything (like a rebuild).
+    let rbe = h.refblock_entries();
+    let used =
+        t.v.iter()
+            .rposition(|&r| r != 0)
+            .map(|p| p + 1)
+            .unwrap_or(0) as u64;
+    let start = used.max(end / cs);
+    let mut n_rb = start.div_ceil(rbe).max(1);
+    let mut n_rt;
+    loop {
+        n_rt = (n_rb * 8).div_ceil(cs).max(1);
+        let need_rb = (start + n_rb + n_rt).div_ceil(rbe);
+        if need_rb <= n_rb {
+            break;
+        }
+        n_rb = need_rb;
+    }
+    t.grow(start + n_rb + n_rt);
+    for c in start..start + n_rb + n_rt {
+        t.v[c as usize] = 1;
+    }
+    let mut reftable = vec![0u64; (n_rt * cs / 8) as usize];
+    for i in 0..n_rb {
+        let mut b = vec![0u8; cs as usize];
+        for j in 0..rbe {
+            if let Some(&r) = t.v.get((i * rbe + j) as usize) {
+                if r != 0 {
+                    meta::refblock_set(&mut b, h.refcount_order, j, r);
+                }
+            }
+        }
+        let off = (start + i) * cs;
+        f.write_all_at(&b, off).map_err(err)?;
+        reftable[i as usize] = off;
+    }
+    let rt_off = (start + n_rb) * cs;
+    meta::write_table(f, rt_off, &reftable).map_err(err)?;
+    f.sync_data().map_err(err)?;
+    // 5. The switch: bytes 24..72 of the header in one write.
+    let mut hb = Vec::with_capacity(48);
+    hb.extend_from_slice(&size.to_be_bytes());
+    hb.extend_from_slice(&h.crypt_method.to_be_bytes());
+    hb.extend_from_slice(&(need as u32).to_be_bytes());
+    hb.extend_from_slice(&l1_off.to_be_bytes());
+    hb.extend_from_slice(&rt_off.to_be_bytes());
+    hb.extend_from_slice(&(n_rt as u32).to_be_bytes());
+    hb.extend_from_slice(&(snaps.len() as u32).to_be_bytes());
+    hb.extend_from_slice(&snap_off.to_be_bytes());
+    f.write_all_at(&hb, 24).map_err(err)?;
+    f.sync_data().map_err(err)?;
+    drop(ctx.rb_cache.drain());
+    ctx.reftable.clear();
+    Ok(())
+}

@@ -246,10 +246,11 @@ pub fn create_in(file: &File, o: &CreateOptions) -> Result<(), String> {
     for (i, off) in rb_offsets.iter().enumerate() {
         reftable[i] = *off;
     }
-    // Header placeholder first (size 0, no L1), then tables.
-    let hdr0 = h.serialize()?;
-    let mut c0 = vec![0u8; cs as usize];
-    c0[..hdr0.len()].copy_from_slice(&hdr0);
+    // Cluster 0 is zero (no magic) until every table is in place: an
+    // interrupted create never leaves a qcow2 header pointing at missing
+    // tables.
+    h.serialize()?;
+    let c0 = vec![0u8; cs as usize];
     file.write_all_at(&c0, 0).map_err(io_err)?;
     meta::write_table(file, cs, &reftable).map_err(io_err)?;
     for (i, off) in rb_offsets.iter().enumerate() {

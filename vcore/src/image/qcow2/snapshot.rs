@@ -36,24 +36,6 @@ fn l1_bytes(t: &[u64]) -> Vec<u8> {
     t.iter().flat_map(|e| e.to_be_bytes()).collect()
 }
 
-/// Write the snapshot table and switch the header to it.
-fn write_table(f: &File, h: &Header, snaps: &[Snapshot]) -> Result<(), String> {
-    let (off, n) = if snaps.is_empty() {
-        (0, 0u32)
-    } else {
-        (
-            append(f, h, &meta::serialize_snapshots(snaps))?,
-            snaps.len() as u32,
-        )
-    };
-    f.sync_data().map_err(io)?;
-    let mut b = Vec::with_capacity(12);
-    b.extend_from_slice(&n.to_be_bytes());
-    b.extend_from_slice(&off.to_be_bytes());
-    f.write_all_at(&b, 60).map_err(io)?;
-    f.sync_data().map_err(io)
-}
-
 fn fixup(f: &File) -> Result<(), String> {
     let r = check::check(f, Fix::ALL, &mut |_| {})?;
     if r.corruptions != 0 || r.check_errors != 0 {
@@ -81,6 +63,8 @@ pub fn create(f: &File, name: &str) -> Result<(), String> {
         return Err("Too many snapshots".into());
     }
     let l1 = read_l1(f, h.l1_table_offset, h.l1_size)?;
+    // The snapshot keeps the current L2 tables through its own L1 copy;
+    // the active state gets fresh copies (see check::commit_state).
     let copy: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
     let l1_off = if copy.is_empty() {
         0
@@ -109,8 +93,7 @@ pub fn create(f: &File, name: &str) -> Result<(), String> {
         icount: Some(0),
         extra_unknown: Vec::new(),
     });
-    write_table(f, &h, &snaps)?;
-    fixup(f)
+    check::commit_state(f, h.size, &l1, &snaps)
 }
 
 /// Revert the active state to a snapshot.
@@ -121,21 +104,7 @@ pub fn apply(f: &File, key: &str) -> Result<(), String> {
     let sn = &snaps[i];
     let sl1 = read_l1(f, sn.l1_table_offset, sn.l1_size)?;
     let size = sn.disk_size.unwrap_or(h.size);
-    let mut nh = h.clone();
-    nh.size = size;
-    let need = (nh.l1_entries_for(size) as u32).max(sn.l1_size);
-    let mut l1: Vec<u64> = sl1.iter().map(|e| e & !OFLAG_COPIED).collect();
-    l1.resize(need as usize, 0);
-    let l1_off = append(f, &h, &l1_bytes(&l1))?;
-    f.sync_data().map_err(io)?;
-    let mut b = Vec::new();
-    b.extend_from_slice(&size.to_be_bytes()); // @24 size
-    b.extend_from_slice(&h.crypt_method.to_be_bytes()); // @32
-    b.extend_from_slice(&need.to_be_bytes()); // @36 l1_size
-    b.extend_from_slice(&l1_off.to_be_bytes()); // @40 l1_table_offset
-    f.write_all_at(&b, 24).map_err(io)?;
-    f.sync_data().map_err(io)?;
-    fixup(f)
+    check::commit_state(f, size, &sl1, &snaps)
 }
 
 /// Delete a snapshot.
@@ -144,8 +113,8 @@ pub fn delete(f: &File, key: &str) -> Result<(), String> {
     let mut snaps = meta::read_snapshots(f, &h)?;
     let i = find(&snaps, key).ok_or("snapshot not found")?;
     snaps.remove(i);
-    write_table(f, &h, &snaps)?;
-    fixup(f)
+    let l1 = read_l1(f, h.l1_table_offset, h.l1_size)?;
+    check::commit_state(f, h.size, &l1, &snaps)
 }
 
 /// `amend`: change compat level, lazy refcounts and refcount width.

@@ -126,7 +126,11 @@ impl SeqWriter {
     }
 
     /// Write the metadata and make the data visible.
-    pub fn finish(mut self) -> Result<(), String> {
+    /// With `sync`, the refcount structures, the header switch and the L1
+    /// table are each made durable before the next step (power-loss
+    /// safe); without it (qemu-img's `cache=unsafe` for convert) the write
+    /// order alone keeps a killed process from leaving corruption.
+    pub fn finish(mut self, sync: bool) -> Result<(), String> {
         let cs = self.h.cluster_size();
         // Pad the file so that sector-rounded compressed extents stay inside.
         let data_end = self.end.next_multiple_of(512);
@@ -193,16 +197,22 @@ impl SeqWriter {
         }
         let rt_off = (start + n_rb) * cs;
         meta::write_table(&self.f, rt_off, &reftable).map_err(io)?;
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         let mut fields = Vec::with_capacity(12);
         fields.extend_from_slice(&rt_off.to_be_bytes());
         fields.extend_from_slice(&(n_rt as u32).to_be_bytes());
         self.f.write_all_at(&fields, 48).map_err(io)?;
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         if !l1.is_empty() {
             meta::write_table(&self.f, self.h.l1_table_offset, &l1).map_err(io)?;
         }
-        self.f.sync_data().map_err(io)?;
+        if sync {
+            self.f.sync_data().map_err(io)?;
+        }
         Ok(())
     }
 }
