@@ -121,13 +121,13 @@ fi
 # --- P4 ------------------------------------------------------------------------
 # overhead PID MEM_MIB: Rss of every mapping but the guest RAM (mappings of
 # MEM_MIB to MEM_MIB+4 MiB), in KiB, and the guest RAM's Rss.
-# Also the private part (anonymous and dirty pages; the rest is shared file
-# pages: the binary and libraries).
+# Also the anonymous part (heap, stacks; the rest is file pages: the binary
+# and its libraries, shared with other processes running them).
 overhead() {
     awk -v lo=$(($2 * 1024)) -v hi=$((($2 + 4) * 1024)) '
         /^Size:/ {size = $2; guest = (size >= lo && size <= hi)}
         /^Rss:/  {if (guest) {g += $2; n++} else o += $2}
-        /^Private_(Clean|Dirty):/ {if (!guest) p += $2}
+        /^Anonymous:/ {if (!guest) p += $2}
         END {printf "%d %d %d %d\n", o, g, n, p}' "/proc/$1/smaps"
 }
 spin_rss() { # spin_rss MEM_MIB CMD... : start CMD, wait for "spinning", measure
@@ -155,7 +155,7 @@ spin_rss() { # spin_rss MEM_MIB CMD... : start CMD, wait for "spinning", measure
 echo
 echo "P4: VMM RSS minus guest RAM while guests/tiny/spin.S runs (/proc/PID/smaps)"
 mib() { awk -v k="$1" 'BEGIN {printf "%.2f", k / 1024}'; }
-echo "   (MiB of Rss outside guest RAM; in brackets the private part)"
+echo "   (MiB of Rss outside guest RAM; in brackets the anonymous part)"
 for m in 256 1024; do
     read -r vo vg vn vp < <(spin_rss $m "$VMRUN" -m ${m}M -kernel "$W/spin.elf" -serial stdio)
     read -r ro _ _ rp < <(spin_rss 64 "$RAW" "$W/spin.elf") # raw: always 64 MiB
