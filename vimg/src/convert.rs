@@ -140,6 +140,8 @@ pub fn run(a: ConvertArgs) -> R<()> {
     // overlap.
     type Chunk = (u64, Vec<u8>, Option<Vec<u8>>);
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<Chunk>>(4);
+    // Buffers go back to the reader: no page faults on fresh allocations.
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let skip_zero = fresh && backing.is_none() && sparse != 0;
     std::thread::scope(|sc| -> R<()> {
         let backing = &mut backing;
@@ -155,7 +157,8 @@ pub fn run(a: ConvertArgs) -> R<()> {
                         off += n as u64;
                         continue;
                     }
-                    let mut buf = vec![0u8; n];
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    buf.resize(n, 0);
                     if let Err(e) = read_chain(src, off, &mut buf) {
                         let _ = tx.send(Err(fail(format!(
                             "error while reading at byte {}: {}",
@@ -231,9 +234,11 @@ pub fn run(a: ConvertArgs) -> R<()> {
                     progress(done as f64 * 100.0 / total as f64);
                 }
             }
+            let _ = pool_tx.send(buf);
         }
         Ok(())
     })?;
+    drop(pool_tx);
     // Like qemu-img convert (cache=unsafe): no fsync; data reaches the disk
     // with the page cache.
     drop(target);
@@ -292,6 +297,7 @@ fn convert_seq(
     let mut last_pct = -1i64;
     // Reader thread: (guest offset, data, backing data).
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<(u64, Vec<u8>, Option<Vec<u8>>)>>(2);
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|sc| -> R<()> {
         let backing = &mut backing;
         sc.spawn(move || {
@@ -309,7 +315,9 @@ fn convert_seq(
                         off += n as u64;
                         continue;
                     }
-                    let mut buf = vec![0u8; n.next_multiple_of(cs as usize)];
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    buf.clear();
+                    buf.resize(n.next_multiple_of(cs as usize), 0);
                     if let Err(e) = read_chain(src, off, &mut buf[..n]) {
                         let _ = tx.send(Err(e));
                         return;
@@ -413,6 +421,8 @@ fn convert_seq(
                     progress(done as f64 * 100.0 / total as f64);
                 }
             }
+            drop(clusters);
+            let _ = pool_tx.send(buf);
         }
         Ok(())
     })?;
