@@ -398,7 +398,12 @@ impl Ctx<'_> {
     fn grub(&mut self, i: usize, path: &str, depth: u32) -> Option<Found> {
         let text = self.read_text(i, path)?;
         let where_ = format!("{path} on {}", self.label(i));
-        match config::grub(&text) {
+        let env_path = format!(
+            "{}/grubenv",
+            path.rsplit_once('/').map(|x| x.0).unwrap_or("")
+        );
+        let env = self.read_text(i, &env_path).unwrap_or_default();
+        match config::grub_with_env(&text, &env) {
             Parsed::Entry(entry) => {
                 let part = self.root_part(i, entry.root.as_ref());
                 Some(Found {
