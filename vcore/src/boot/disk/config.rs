@@ -221,6 +221,21 @@ fn grub_search(w: &[String]) -> Option<RootHint> {
     }
 }
 
+/// Expand `$var`s in a BLS entry's options from a grubenv block (Fedora's
+/// `options $kernelopts`, which GRUB's `blscfg` expands).
+pub fn expand_grubenv(s: &str, grubenv: &str) -> String {
+    if !s.contains('$') {
+        return s.to_string();
+    }
+    let vars: Vec<(String, String)> = grubenv
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    expand(s, &vars)
+}
+
 fn expand(s: &str, vars: &[(String, String)]) -> String {
     let mut out = String::new();
     let mut rest = s;
@@ -729,6 +744,10 @@ submenu 'Advanced' {
         assert_eq!(e.options, "root=/dev/vda2 ro");
         let Parsed::Entry(e) = grub(t) else { panic!() };
         assert_eq!(e.kernel, "/a");
+        assert_eq!(
+            expand_grubenv("$kernelopts quiet", env),
+            "root=/dev/vda2 ro quiet"
+        );
     }
 
     #[test]
