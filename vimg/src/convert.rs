@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, R};
-use crate::map::{is_zero_range, open_chain, read_chain, Layer};
+use crate::map::{is_zero_range, open_chain, read_chain, status, Layer};
 use std::io::Write;
 use std::path::Path;
 use vcore::image::qcow2::Qcow2Device;
@@ -151,11 +151,17 @@ pub fn run(a: ConvertArgs) -> R<()> {
                 let size = src[0].size();
                 let mut off = 0u64;
                 while off < size {
-                    let n = (size - off).min(CHUNK) as usize;
-                    // Nothing to write for a zero range of a fresh target.
-                    if skip_zero && matches!(is_zero_range(src, off, n as u64), Ok(true)) {
-                        off += n as u64;
-                        continue;
+                    let mut n = (size - off).min(CHUNK) as usize;
+                    // Follow block status: skip zero runs of a fresh target,
+                    // read data runs only as far as they go.
+                    if skip_zero {
+                        if let Ok(e) = status(src, off, n as u64) {
+                            if e.zero {
+                                off += e.length.clamp(1, n as u64);
+                                continue;
+                            }
+                            n = (e.length as usize).clamp(1, n);
+                        }
                     }
                     let mut buf = pool_rx.try_recv().unwrap_or_default();
                     buf.resize(n, 0);
