@@ -68,7 +68,10 @@ echo "/dev/root / ext4 defaults 0 1" > "$root/etc/fstab"
 cp "$kernel" "$root/boot/vmlinuz-$ver"
 irdline= irdfile=
 if [ "$initrd" = 1 ]; then
-    cp "$guest/initramfs.cpio.gz" "$root/boot/initrd.img-$ver"
+    irdfile=$guest/initramfs.cpio
+    [ -f "$irdfile" ] || irdfile=$guest/initramfs.cpio.gz
+    [ -f "$irdfile" ] || { echo "build-disk: -i: no initramfs.cpio in $guest" >&2; exit 1; }
+    cp "$irdfile" "$root/boot/initrd.img-$ver"
 fi
 
 # Layout: 1 MiB gap, [ESP 32 MiB], root 64 MiB, 1 MiB for the backup GPT.
@@ -148,7 +151,7 @@ bls)
     mkdir -p "$esp/loader/entries" "$esp/EFI/BOOT"
     cp "$kernel" "$esp/vmlinuz-$ver"
     cp "$kernel" "$esp/vmlinuz-$ver-old"
-    [ "$initrd" = 1 ] && { cp "$guest/initramfs.cpio.gz" "$esp/initrd.img-$ver"; irdline="initrd /initrd.img-$ver"; }
+    [ "$initrd" = 1 ] && { cp "$irdfile" "$esp/initrd.img-$ver"; irdline="initrd /initrd.img-$ver"; }
     printf 'timeout 3\ndefault vtools-%s.conf\n' "$ver" > "$esp/loader/loader.conf"
     cat > "$esp/loader/entries/vtools-$ver.conf" <<EOF
 title   vtools test guest

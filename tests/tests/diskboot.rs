@@ -62,7 +62,9 @@ fn guest() -> &'static Path {
     static G: OnceLock<PathBuf> = OnceLock::new();
     G.get_or_init(|| {
         let real = root().join("build/guest");
-        if real.join("bzImage").exists() && real.join("initramfs.cpio.gz").exists() {
+        if real.join("bzImage").exists()
+            && (real.join("initramfs.cpio").exists() || real.join("initramfs.cpio.gz").exists())
+        {
             return real;
         }
         eprintln!("note: build/guest is missing; --print-boot tests use a synthetic bzImage");
@@ -79,11 +81,22 @@ fn guest() -> &'static Path {
         k[0x300..0x30c].copy_from_slice(b"6.1.0-synth ");
         std::fs::write(dir.join("bzImage"), k).unwrap();
         sh(&format!(
-            "echo initrd | gzip > {}/initramfs.cpio.gz",
-            dir.display()
+            "cd {d} && mkdir -p ird/bin && echo '#!/bin/sh' > ird/init && \
+             (cd ird && find . | cpio -o -H newc --quiet) | gzip > initramfs.cpio.gz",
+            d = dir.display()
         ));
         dir
     })
+}
+
+/// The initramfs build-disk.sh -i installs (uncompressed when built).
+fn initramfs() -> PathBuf {
+    let g = guest().join("initramfs.cpio");
+    if g.exists() {
+        g
+    } else {
+        guest().join("initramfs.cpio.gz")
+    }
 }
 
 fn kernel_release() -> String {
@@ -262,9 +275,7 @@ fn print_boot_finds_the_default_entry_on_every_image_kind() {
     let tmp = tempfile::tempdir().unwrap();
     let rel = kernel_release();
     let ksize = std::fs::metadata(guest().join("bzImage")).unwrap().len();
-    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz"))
-        .unwrap()
-        .len();
+    let isize = std::fs::metadata(initramfs()).unwrap().len();
     for c in CASES {
         let img = build_disk(tmp.path(), c.name, c.args);
         let before = std::fs::read(&img).unwrap();
@@ -330,9 +341,7 @@ fn print_boot_human_output_append_console_and_backing_chain() {
     let (code, out, err) = vmrun(&["-print-boot", p]);
     assert_eq!(code, 0, "{err}");
     let ksize = std::fs::metadata(guest().join("bzImage")).unwrap().len();
-    let isize = std::fs::metadata(guest().join("initramfs.cpio.gz"))
-        .unwrap()
-        .len();
+    let isize = std::fs::metadata(initramfs()).unwrap().len();
     assert_eq!(
         out,
         format!(
@@ -385,6 +394,32 @@ fn print_boot_human_output_append_console_and_backing_chain() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("image:     {p} (qcow2)\n")), "{out}");
+    let drive_b = format!("file={p},if=none,id=b");
+    let (code, out, err) = vmrun(&[
+        "--print-boot",
+        "-drive",
+        "file=/nonexistent/a.img,if=none,id=a",
+        "-drive",
+        &drive_b,
+        "-device",
+        "virtio-blk-pci,drive=a,bootindex=1",
+        "-device",
+        "virtio-blk-pci,drive=b,bootindex=0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("image:     {p} (qcow2)\n")), "{out}");
+    let (code, _, err) = vmrun(&[
+        "--print-boot",
+        "-drive",
+        &drive_b,
+        "-device",
+        "virtio-blk-pci,drive=b,bootindex=first",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bootindex expects a non-negative number, not 'first'"),
+        "{err}"
+    );
     let (code, _, err) = vmrun(&["--print-boot", "-hda", p, p]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("name the first disk; give one"), "{err}");
@@ -461,6 +496,17 @@ fn errors_say_what_is_wrong_and_exit_1() {
         &["no partition table", "bare ext4 filesystem", "-kernel"],
     );
 
+    let fat = t.join("fat.img");
+    sh(&format!(
+        "truncate -s 40M {b}; mkfs.vfat {b} >/dev/null",
+        b = fat.display()
+    ));
+    expect_error(
+        &fat,
+        1,
+        &["no partition table (MBR or GPT); it holds a bare FAT filesystem"],
+    );
+
     // A partition with nothing recognisable on it.
     let empty = disk_with(t, "empty.img", "gpt", "");
     expect_error(
@@ -516,6 +562,23 @@ fn errors_say_what_is_wrong_and_exit_1() {
         ),
     );
     expect_error(&k32, 1, &["/boot/vmlinuz-6.1-i686 on partition 1 is a 32-bit kernel; vmrun boots 64-bit guests only"]);
+
+    // A 32-bit ELF vmlinux (the ELF class byte says so), named by extlinux.
+    let e32 = disk_with(
+        t,
+        "elf32.img",
+        "gpt",
+        "mkdir -p $d/root/boot/extlinux
+         printf '\\177ELF\\001\\001\\001' > $d/root/boot/vmlinux-i386
+         head -c 4096 /dev/zero >> $d/root/boot/vmlinux-i386
+         printf 'LABEL l\n LINUX /boot/vmlinux-i386\n' > $d/root/boot/extlinux/extlinux.conf
+         mkfs.ext4 -q -F -d $d/root $PART >/dev/null",
+    );
+    expect_error(
+        &e32,
+        1,
+        &["/boot/vmlinux-i386 on partition 1 is a 32-bit kernel; vmrun boots 64-bit guests only"],
+    );
 
     // Something that is not a kernel where the config says one is.
     let junk = disk_with(
@@ -724,6 +787,100 @@ fn grub_legacy_on_a_separate_boot_partition() {
     assert_eq!(j["partition"]["number"], 1, "{j}");
     assert_eq!(
         j["cmdline"], "root=PARTUUID=12345678-02 ro console=ttyS0",
+        "{j}"
+    );
+}
+
+/// Partition-table corners: a root in a logical partition of an MBR
+/// extended partition (Linux numbers it 5), and a GPT whose primary header
+/// is damaged (the backup at the end of the disk is used).
+#[test]
+fn logical_partitions_and_backup_gpt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let k = guest().join("bzImage");
+    let img = d.join("logical.img");
+    sh(&format!(
+        "d={d}; img={img}; mkdir -p $d/root/boot
+         cp {k} $d/root/boot/vmlinuz-6.1.0
+         truncate -s 16M $d/root.img; mkfs.ext4 -q -F -d $d/root $d/root.img >/dev/null
+         truncate -s 40M $img
+         printf 'label: dos\\nlabel-id: 0xcafe0001\\nstart=2048, size=4096, type=83\\nstart=8192, size=65536, type=5\\nstart=10240, size=32768, type=83\\n' | sfdisk -q $img >/dev/null
+         dd if=$d/root.img of=$img bs=512 seek=10240 conv=notrunc status=none",
+        d = d.display(),
+        img = img.display(),
+        k = k.display()
+    ));
+    // The oracle: sfdisk numbers the logical partition 5.
+    let dump = sh(&format!("sfdisk --dump {}", img.display()));
+    assert!(dump.contains("logical.img5 : start=       10240"), "{dump}");
+    let j = print_boot_json(&img, &[]);
+    assert_eq!(j["partition"]["number"], 5, "{j}");
+    assert_eq!(j["partition"]["partuuid"], "cafe0001-05", "{j}");
+    assert_eq!(
+        j["cmdline"], "root=PARTUUID=cafe0001-05 ro console=ttyS0",
+        "{j}"
+    );
+    let notes = j["looked_at"].to_string();
+    assert!(
+        notes.contains("partition 1 (mbr, 2 MiB): no filesystem recognised"),
+        "{j}"
+    );
+
+    // Damage the primary GPT header: the backup still describes the disk.
+    let gpt = build_disk(d, "gpt.img", &["-t", "gpt", "-c", "extlinux", "-f", "raw"]);
+    let want = print_boot_json(&gpt, &[]);
+    sh(&format!(
+        "printf 'XXXX' | dd of={} bs=1 seek=$((512+24)) conv=notrunc status=none",
+        gpt.display()
+    ));
+    let j = print_boot_json(&gpt, &[]);
+    assert_eq!(j["partition"], want["partition"], "{j}");
+    assert_eq!(j["cmdline"], want["cmdline"], "{j}");
+}
+
+/// A Fedora-style layout: an ESP with a GRUB stub, a separate ext4 /boot
+/// with BLS entries whose options are `$kernelopts` from grub2/grubenv.
+#[test]
+fn fedora_style_bls_with_kernelopts_in_grubenv() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = d.join("fedora.img");
+    sh(&format!(
+        "d={d}; img={img}; mkdir -p $d/esp/EFI/fedora $d/boot/grub2 $d/boot/loader/entries $d/root/etc
+         printf 'search --no-floppy --fs-uuid --set=dev 1c0f-b007\\nset prefix=($dev)/grub2\\nexport $prefix\\nconfigfile $prefix/grub.cfg\\n' > $d/esp/EFI/fedora/grub.cfg
+         printf 'set default=\"${{saved_entry}}\"\\nload_env\\nblscfg\\n' > $d/boot/grub2/grub.cfg
+         printf '# GRUB Environment Block\\nsaved_entry=abc-6.1.0-1.fc38.x86_64\\nkernelopts=root=UUID=1c0f-r00t ro rhgb quiet\\n' > $d/boot/grub2/grubenv
+         printf 'title Fedora Linux (6.1.0-1.fc38.x86_64)\\nversion 6.1.0-1.fc38.x86_64\\nlinux /vmlinuz-6.1.0-1.fc38.x86_64\\ninitrd /initramfs-6.1.0-1.fc38.x86_64.img\\noptions $kernelopts\\n' > $d/boot/loader/entries/abc-6.1.0-1.fc38.x86_64.conf
+         cp {k} $d/boot/vmlinuz-6.1.0-1.fc38.x86_64
+         echo initramfs > $d/boot/initramfs-6.1.0-1.fc38.x86_64.img
+         echo 'UUID=1c0f-r00t / ext4 defaults 1 1' > $d/root/etc/fstab
+         truncate -s 16M $d/esp.img $d/boot.img $d/root.img
+         mkfs.vfat $d/esp.img >/dev/null; mcopy -s -i $d/esp.img $d/esp/EFI ::/
+         mkfs.ext4 -q -F -d $d/boot $d/boot.img >/dev/null
+         mkfs.ext4 -q -F -d $d/root $d/root.img >/dev/null
+         truncate -s 50M $img
+         printf 'label: gpt\\nstart=2048, size=32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\\nsize=32768\\nsize=32768\\n' | sfdisk -q $img >/dev/null
+         dd if=$d/esp.img of=$img bs=1M seek=1 conv=notrunc status=none
+         dd if=$d/boot.img of=$img bs=1M seek=17 conv=notrunc status=none
+         dd if=$d/root.img of=$img bs=1M seek=33 conv=notrunc status=none",
+        d = d.display(),
+        img = img.display(),
+        k = guest().join("bzImage").display()
+    ));
+    let j = print_boot_json(&img, &[]);
+    assert_eq!(j["method"], "bls", "{j}");
+    assert_eq!(
+        j["config"], "/loader/entries/abc-6.1.0-1.fc38.x86_64.conf on partition 2 (ext4)",
+        "{j}"
+    );
+    assert_eq!(j["kernel_path"], "/vmlinuz-6.1.0-1.fc38.x86_64", "{j}");
+    assert_eq!(
+        j["initrd_paths"][0], "/initramfs-6.1.0-1.fc38.x86_64.img",
+        "{j}"
+    );
+    assert_eq!(
+        j["cmdline"], "root=UUID=1c0f-r00t ro rhgb quiet console=ttyS0",
         "{j}"
     );
 }

@@ -379,6 +379,20 @@ fn images_are_locked_like_qemu_and_io_threads_are_named() {
     let (c, o, e) = tool("qemu-img", &["info", s(&img)]);
     assert_ne!(c, 0, "qemu-img info succeeded on a busy image: {o}");
     assert!(e.contains("Failed to get shared \"write\" lock"), "{e}");
+    // So does vimg.
+    let (c, _, e) = tool("vimg", &["info", s(&img)]);
+    assert_eq!(c, 1, "{e}");
+    assert!(e.contains("Failed to get shared \"write\" lock"), "{e}");
+    // vpin sees the I/O thread with its role.
+    let (c, o, e) = run(Command::new(bin("vpin")).args(["list", &pid.to_string()]));
+    assert_eq!(c, 0, "{e}");
+    assert!(
+        o.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(2) == Some(&"io-sys") && f.get(3) == Some(&"io")
+        }),
+        "{o}"
+    );
     // vmrun refuses to open it a second time.
     let (c, _, e) = vmrun(&[
         "-kernel",
@@ -514,11 +528,11 @@ fn boot_linux(kernel: &Path, dir: &Path, args: &[&str]) -> (String, String, Vec<
                 io_threads.push(n);
             }
         }
-        if start.elapsed() > Duration::from_secs(600) {
+        if start.elapsed() > Duration::from_secs(900) {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "Linux did not finish in 10 minutes; serial log:\n{}",
+                "Linux did not finish in 15 minutes; serial log:\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }

@@ -1,10 +1,10 @@
 //! `vimg compare [-s] A B`: 0 identical, 1 different, 2 error (qemu-img's
 //! messages; mismatches are reported at 512-byte granularity).
 
-use crate::map::{is_zero_range, open_chain, read_chain, Layer};
+use crate::map::{is_zero_range, open_chain, read_chain, status, Layer};
 use vcore::image::Format;
 
-const CHUNK: usize = 2 << 20;
+const CHUNK: usize = 256 << 10;
 
 fn fmt_arg(file: &str, f: Option<&str>) -> Result<Option<Format>, String> {
     match f {
@@ -52,13 +52,18 @@ pub fn run(
     let mut b2 = vec![0u8; CHUNK];
     let mut off = 0u64;
     while off < common {
-        let n = (common - off).min(CHUNK as u64) as usize;
-        // Both sides read as zeroes here: nothing to read.
-        if matches!(is_zero_range(&mut a, off, n as u64), Ok(true))
-            && matches!(is_zero_range(&mut b, off, n as u64), Ok(true))
-        {
-            off += n as u64;
-            continue;
+        let mut n = (common - off).min(CHUNK as u64) as usize;
+        // Follow block status: skip where both sides read as zeroes, and
+        // read only up to the next change of state.
+        if let (Ok(ea), Ok(eb)) = (status(&mut a, off, n as u64), status(&mut b, off, n as u64)) {
+            let run = ea.length.min(eb.length).clamp(1, n as u64);
+            if ea.zero && eb.zero {
+                off += run;
+                continue;
+            }
+            if ea.zero || eb.zero {
+                n = run as usize;
+            }
         }
         if let Err(e) = read_chain(&mut a, off, &mut b1[..n]) {
             eprintln!(

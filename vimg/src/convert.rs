@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, R};
-use crate::map::{is_zero_range, open_chain, read_chain, Layer};
+use crate::map::{is_zero_range, open_chain, read_chain, status, Layer};
 use std::io::Write;
 use std::path::Path;
 use vcore::image::qcow2::Qcow2Device;
@@ -131,58 +131,87 @@ pub fn run(a: ConvertArgs) -> R<()> {
         None => None,
     };
     let fresh = !a.no_create;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut bbuf = vec![0u8; CHUNK as usize];
-    let mut base = 0u64;
     let mut last_pct = -1i64;
     if a.progress {
         progress(0.0);
     }
-    for src in sources.iter_mut() {
-        let size = src[0].size();
-        let mut off = 0u64;
-        while off < size {
-            let n = (size - off).min(CHUNK) as usize;
-            // Fast path: nothing to write for a zero range of a fresh target.
-            if fresh && backing.is_none() && sparse != 0 && is_zero_range(src, off, n as u64)? {
-                off += n as u64;
-                continue;
-            }
-            read_chain(src, off, &mut buf[..n]).map_err(|e| {
-                fail(format!(
-                    "error while reading at byte {}: {}",
-                    off,
-                    e.msg.unwrap_or_default()
-                ))
-            })?;
-            let have_backing = if let Some(bl) = backing.as_mut() {
-                let bsize = bl[0].size();
-                let bn = if base + off < bsize {
-                    ((bsize - base - off) as usize).min(n)
-                } else {
-                    0
-                };
-                bbuf[..n].fill(0);
-                if bn > 0 {
-                    read_chain(bl, base + off, &mut bbuf[..bn])?;
+    // Reader thread (block status, reads, backing reads) feeding this
+    // thread, which scans for zero blocks and writes: reads and writes
+    // overlap.
+    type Chunk = (u64, Vec<u8>, Option<Vec<u8>>);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<R<Chunk>>(4);
+    // Buffers go back to the reader: no page faults on fresh allocations.
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let skip_zero = fresh && backing.is_none() && sparse != 0;
+    std::thread::scope(|sc| -> R<()> {
+        let backing = &mut backing;
+        sc.spawn(move || {
+            let mut base = 0u64;
+            for src in sources.iter_mut() {
+                let size = src[0].size();
+                let mut off = 0u64;
+                while off < size {
+                    let mut n = (size - off).min(CHUNK) as usize;
+                    // Follow block status: skip zero runs of a fresh target,
+                    // read data runs only as far as they go.
+                    if skip_zero {
+                        if let Ok(e) = status(src, off, n as u64) {
+                            if e.zero {
+                                off += e.length.clamp(1, n as u64);
+                                continue;
+                            }
+                            n = (e.length as usize).clamp(1, n);
+                        }
+                    }
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    buf.resize(n, 0);
+                    if let Err(e) = read_chain(src, off, &mut buf) {
+                        let _ = tx.send(Err(fail(format!(
+                            "error while reading at byte {}: {}",
+                            off,
+                            e.msg.unwrap_or_default()
+                        ))));
+                        return;
+                    }
+                    let bb = match backing.as_mut() {
+                        Some(bl) => {
+                            let bsize = bl[0].size();
+                            let g = base + off;
+                            let mut bb = vec![0u8; n];
+                            if g < bsize {
+                                let bn = ((bsize - g) as usize).min(n);
+                                if let Err(e) = read_chain(bl, g, &mut bb[..bn]) {
+                                    let _ = tx.send(Err(e));
+                                    return;
+                                }
+                            }
+                            Some(bb)
+                        }
+                        None => None,
+                    };
+                    if tx.send(Ok((base + off, buf, bb))).is_err() {
+                        return;
+                    }
+                    off += n as u64;
                 }
-                true
-            } else {
-                false
-            };
+                base += size;
+            }
+        });
+        for item in rx {
+            let (at0, buf, bbuf) = item?;
+            let n = buf.len();
+            let have_backing = bbuf.is_some();
             // Walk blocks of `sparse` bytes (or the whole chunk with -S 0).
             let blk = if sparse == 0 { n } else { sparse as usize };
+            let skip = |i: usize| -> bool {
+                let e = (i + blk).min(n);
+                match &bbuf {
+                    Some(b) => buf[i..e] == b[i..e],
+                    None => sparse != 0 && fresh && buf[i..e].iter().all(|&b| b == 0),
+                }
+            };
             let mut i = 0usize;
             while i < n {
-                // Gather a run of blocks that must be written.
-                let skip = |i: usize| -> bool {
-                    let e = (i + blk).min(n);
-                    if have_backing {
-                        buf[i..e] == bbuf[i..e]
-                    } else {
-                        sparse != 0 && fresh && buf[i..e].iter().all(|&b| b == 0)
-                    }
-                };
                 if skip(i) {
                     i += blk;
                     continue;
@@ -192,7 +221,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
                     i += blk;
                 }
                 let end = i.min(n);
-                let at = base + off + start as u64;
+                let at = at0 + start as u64;
                 if !fresh && !have_backing && buf[start..end].iter().all(|&b| b == 0) {
                     target
                         .write_zeroes(at, (end - start) as u64)
@@ -203,17 +232,19 @@ pub fn run(a: ConvertArgs) -> R<()> {
                         .map_err(|e| fail(format!("error while writing at byte {at}: {e}")))?;
                 }
             }
-            off += n as u64;
             if a.progress && total > 0 {
-                let pct = ((base + off) * 100 / total) as i64;
+                let done = at0 + n as u64;
+                let pct = (done * 100 / total) as i64;
                 if pct != last_pct {
                     last_pct = pct;
-                    progress((base + off) as f64 * 100.0 / total as f64);
+                    progress(done as f64 * 100.0 / total as f64);
                 }
             }
+            let _ = pool_tx.send(buf);
         }
-        base += size;
-    }
+        Ok(())
+    })?;
+    drop(pool_tx);
     // Like qemu-img convert (cache=unsafe): no fsync; data reaches the disk
     // with the page cache.
     drop(target);
@@ -272,6 +303,7 @@ fn convert_seq(
     let mut last_pct = -1i64;
     // Reader thread: (guest offset, data, backing data).
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<(u64, Vec<u8>, Option<Vec<u8>>)>>(2);
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|sc| -> R<()> {
         let backing = &mut backing;
         sc.spawn(move || {
@@ -289,7 +321,9 @@ fn convert_seq(
                         off += n as u64;
                         continue;
                     }
-                    let mut buf = vec![0u8; n.next_multiple_of(cs as usize)];
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    buf.clear();
+                    buf.resize(n.next_multiple_of(cs as usize), 0);
                     if let Err(e) = read_chain(src, off, &mut buf[..n]) {
                         let _ = tx.send(Err(e));
                         return;
@@ -362,16 +396,28 @@ fn convert_seq(
             } else {
                 vec![None; clusters.len()]
             };
-            for (i, c) in clusters.iter().enumerate() {
+            // Runs of plain clusters go out in one write each.
+            let mut i = 0usize;
+            while i < clusters.len() {
                 if !keep[i] {
+                    i += 1;
                     continue;
                 }
                 let gc = first_cluster + i as u64;
-                let r = match &comp[i] {
-                    Some(z) => w.write_compressed(gc, z),
-                    None => w.write_cluster(gc, c),
-                };
-                r.map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+                if let Some(z) = &comp[i] {
+                    w.write_compressed(gc, z)
+                        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < clusters.len() && keep[i] && comp[i].is_none() {
+                    i += 1;
+                }
+                let a0 = start * cs as usize;
+                let a1 = (i * cs as usize).min(buf.len());
+                w.write_clusters(gc, &buf[a0..a1])
+                    .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
             }
             if a.progress && total > 0 {
                 let done = (goff + buf.len() as u64).min(total);
@@ -381,6 +427,8 @@ fn convert_seq(
                     progress(done as f64 * 100.0 / total as f64);
                 }
             }
+            drop(clusters);
+            let _ = pool_tx.send(buf);
         }
         Ok(())
     })?;

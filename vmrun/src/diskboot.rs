@@ -12,12 +12,15 @@ use vcore::image::{self, OpenOptions};
 use crate::cli::Output;
 
 /// The disk to boot when there is no `-kernel`: the positional IMAGE (which
-/// is also `-hda`), else `-hda`, else the `-drive` with `index=0`, else the
-/// first `-drive` the guest sees. `None` when there are no disks.
+/// is also `-hda`), else `-hda`, else the drive of the
+/// `-device virtio-blk-pci,drive=ID,bootindex=N` with the lowest N, else the
+/// `-drive` with `index=0`, else the first `-drive` the guest sees. `None`
+/// when there are no disks.
 pub fn boot_disk(
     image: Option<&Path>,
     hda: Option<&Path>,
     drives: &[String],
+    devices: &[String],
 ) -> Result<Option<(PathBuf, Option<image::Format>)>, String> {
     if let (Some(i), Some(h)) = (image, hda) {
         return Err(format!(
@@ -28,6 +31,28 @@ pub fn boot_disk(
     }
     if let Some(p) = image.or(hda) {
         return Ok(Some((p.to_path_buf(), None)));
+    }
+    let mut best: Option<(u32, String)> = None;
+    for dev in devices {
+        let (_, kv) = vcore::qemuopts::split(dev);
+        let get = |key: &str| kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let (Some(id), Some(bi)) = (get("drive"), get("bootindex")) else {
+            continue;
+        };
+        let n: u32 = bi.parse().map_err(|_| {
+            format!("-device {dev}: bootindex expects a non-negative number, not '{bi}'")
+        })?;
+        if best.as_ref().is_none_or(|(b, _)| n < *b) {
+            best = Some((n, id));
+        }
+    }
+    if let Some((_, id)) = best {
+        for s in drives {
+            let d = crate::drive::parse_drive(s)?;
+            if d.id.as_deref() == Some(id.as_str()) {
+                return Ok(Some((d.file, d.format)));
+            }
+        }
     }
     let mut first = None;
     for s in drives {

@@ -260,7 +260,8 @@ pub fn parse_devices(list: &[String]) -> Result<Devices, String> {
                     match k.as_str() {
                         "drive" => drive = Some(v),
                         "serial" => serial = Some(v),
-                        "id" => {}
+                        // Read by the disk boot (diskboot.rs).
+                        "id" | "bootindex" => {}
                         other => {
                             return Err(format!(
                                 "-device {s}: Property '{driver}.{other}' not found"

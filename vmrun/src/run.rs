@@ -328,9 +328,13 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
     // The kernel: -kernel, or the one the boot disk's configuration names.
     let serial_console = !matches!(cli.serial.as_deref(), Some("null" | "none"));
     let mut _staged = None;
-    let boot_disk =
-        crate::diskboot::boot_disk(cli.image.as_deref(), cli.hda.as_deref(), &cli.drive)
-            .map_err(Failure::Usage)?;
+    let boot_disk = crate::diskboot::boot_disk(
+        cli.image.as_deref(),
+        cli.hda.as_deref(),
+        &cli.drive,
+        &cli.device,
+    )
+    .map_err(Failure::Usage)?;
     let (kernel, initrd, cmdline) = match (&cli.kernel, &boot_disk) {
         (Some(k), _) if !cli.print_boot => (
             k.clone(),

@@ -142,21 +142,24 @@ const GRUB_LEGACY: &[&str] = &[
 
 /// Find what to boot on `dev`.
 pub fn find_boot(dev: Arc<dyn BlockDevice>) -> Result<BootEntry, DiskBootError> {
+    // A filesystem on the whole disk (a FAT boot sector also ends in 55aa
+    // and can pass for an empty MBR).
+    let whole = Slice::new(dev.clone(), 0, dev.size());
+    let bare = match fs::probe(&whole) {
+        Probe::Ext(k) => Some(format!(
+            "it holds a bare {k} filesystem: boot it with -kernel and root=/dev/vda"
+        )),
+        Probe::Fat => Some("it holds a bare FAT filesystem".into()),
+        Probe::Unsupported(k) => Some(format!("it holds a bare {k} filesystem")),
+        Probe::Unknown => None,
+    };
     let table = match partitions::read_table(&*dev) {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            let whole = Slice::new(dev.clone(), 0, dev.size());
-            let hint = match fs::probe(&whole) {
-                Probe::Ext(k) => Some(format!(
-                    "it holds a bare {k} filesystem: boot it with -kernel and root=/dev/vda"
-                )),
-                Probe::Fat => Some("it holds a bare FAT filesystem".into()),
-                Probe::Unsupported(k) => Some(format!("it holds a bare {k} filesystem")),
-                Probe::Unknown => None,
-            };
-            return Err(DiskBootError::NoPartitionTable { hint });
-        }
+        Ok(Some(t)) if !(t.partitions.is_empty() && bare.is_some()) => t,
+        Ok(_) => return Err(DiskBootError::NoPartitionTable { hint: bare }),
         Err(partitions::TableError::Io(e)) => return Err(DiskBootError::Io(e.to_string())),
+        Err(partitions::TableError::Invalid(_)) if bare.is_some() => {
+            return Err(DiskBootError::NoPartitionTable { hint: bare })
+        }
         Err(partitions::TableError::Invalid(m)) => return Err(DiskBootError::BadTable(m)),
     };
     let kind = table.kind;
@@ -379,7 +382,21 @@ impl Ctx<'_> {
             }
         }
         let loader = self.read_text(i, &format!("{dir}/loader.conf"));
-        let chosen = config::bls_default(entries, loader.as_deref())?;
+        let mut chosen = config::bls_default(entries, loader.as_deref())?;
+        // Fedora's `options $kernelopts`: GRUB's blscfg expands it from grubenv.
+        if chosen.entry.options.contains('$') {
+            for env in [
+                "/grub2/grubenv",
+                "/boot/grub2/grubenv",
+                "/grub/grubenv",
+                "/boot/grub/grubenv",
+            ] {
+                if let Some(e) = self.read_text(i, env) {
+                    chosen.entry.options = config::expand_grubenv(&chosen.entry.options, &e);
+                    break;
+                }
+            }
+        }
         // Paths in entries are relative to the partition holding them; on a
         // root filesystem (/boot/loader) that is /boot.
         let base = dir.trim_end_matches("/loader").to_string();
@@ -395,7 +412,12 @@ impl Ctx<'_> {
     fn grub(&mut self, i: usize, path: &str, depth: u32) -> Option<Found> {
         let text = self.read_text(i, path)?;
         let where_ = format!("{path} on {}", self.label(i));
-        match config::grub(&text) {
+        let env_path = format!(
+            "{}/grubenv",
+            path.rsplit_once('/').map(|x| x.0).unwrap_or("")
+        );
+        let env = self.read_text(i, &env_path).unwrap_or_default();
+        match config::grub_with_env(&text, &env) {
             Parsed::Entry(entry) => {
                 let part = self.root_part(i, entry.root.as_ref());
                 Some(Found {

@@ -36,6 +36,8 @@ const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
 const SECTOR: u64 = 512;
+/// Largest piece of a request copied through the bounce buffer at once.
+const CHUNK: u64 = 1 << 20;
 const QUEUE_SIZE: u16 = 256;
 /// Longest discard / write-zeroes range, in sectors (2 GiB - 512).
 const MAX_RANGE_SECTORS: u32 = (1 << 22) - 1;
@@ -220,32 +222,38 @@ impl BlkHandler {
                 {
                     return Ok((S_IOERR, 0));
                 }
-                if ty == T_IN {
-                    let buf = self.buf.get(len as usize);
-                    let st = io(self.disk.read_at(buf, off));
-                    if st == S_OK {
-                        scatter(mem, &c.writable, 0, buf)?;
-                        (S_OK, len as u32)
+                // Through the bounce buffer in chunks: the host memory used
+                // per request stays bounded whatever length the guest asks.
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(CHUNK);
+                    let buf = self.buf.get(n as usize);
+                    if ty == T_IN {
+                        if self.disk.read_at(buf, off + done).is_err() {
+                            return Ok((S_IOERR, 0));
+                        }
+                        scatter(mem, &c.writable, done, buf)?;
                     } else {
-                        (st, 0)
+                        if self.disk.read_only() {
+                            return Ok((S_IOERR, 0));
+                        }
+                        gather(mem, &c.readable, 16 + done, buf)?;
+                        if self.restrict_block0
+                            && off + done == 0
+                            && buf.starts_with(&crate::image::QCOW2_MAGIC)
+                        {
+                            return Ok((S_IOERR, 0));
+                        }
+                        if self.disk.write_at(buf, off + done).is_err() {
+                            return Ok((S_IOERR, 0));
+                        }
                     }
+                    done += n;
+                }
+                if ty == T_IN {
+                    (S_OK, len as u32)
                 } else {
-                    if self.disk.read_only() {
-                        return Ok((S_IOERR, 0));
-                    }
-                    let buf = self.buf.get(len as usize);
-                    gather(mem, &c.readable, 16, buf)?;
-                    if self.restrict_block0
-                        && off == 0
-                        && buf.starts_with(&crate::image::QCOW2_MAGIC)
-                    {
-                        return Ok((S_IOERR, 0));
-                    }
-                    let r = self
-                        .disk
-                        .write_at(buf, off)
-                        .and_then(|_| self.flush_if_write_through());
-                    (io(r), 0)
+                    (io(self.flush_if_write_through()), 0)
                 }
             }
             T_FLUSH => {
@@ -496,5 +504,61 @@ mod tests {
         assert!(Chain::check(&mem, &[]).is_err());
         let ok = Chain::check(&mem, &[d(0x1000, 16, 1, 1), d(0x2000, 1, 2, 0)]).unwrap();
         assert_eq!((ok.readable_len(), ok.writable_len()), (16, 1));
+    }
+
+    #[test]
+    fn large_requests_go_through_in_chunks() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(8 << 20).unwrap();
+        let disk: Arc<dyn BlockDevice> = Arc::from(
+            image::open(
+                f.path(),
+                &OpenOptions {
+                    format: Some(image::Format::Raw),
+                    no_lock: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let mut h = BlkHandler {
+            disk,
+            serial: String::new(),
+            cache: CacheMode::Writeback,
+            discard: false,
+            restrict_block0: false,
+            buf: AlignedBuf::default(),
+        };
+        let len: u32 = (3 << 20) + 512;
+        let pattern: Vec<u8> = (0..len).map(|i| (i / 512) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(0x10_0000)).unwrap();
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+        hdr[8..16].copy_from_slice(&1u64.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        // Two data buffers, split in the middle of a chunk.
+        let a = 1_500_000u32 / 512 * 512;
+        let mut c = Chain::default();
+        c.readable.push((GuestAddress(HDR), 16));
+        c.readable.push((GuestAddress(0x10_0000), a));
+        c.readable
+            .push((GuestAddress(0x10_0000 + u64::from(a)), len - a));
+        c.writable.push((GuestAddress(ST), 1));
+        assert_eq!(h.handle(0, &mem, &c).unwrap(), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(ST)).unwrap(), S_OK);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert_eq!(&on_disk[512..512 + len as usize], &pattern[..]);
+        // Read it back into one buffer elsewhere.
+        hdr[0..4].copy_from_slice(&T_IN.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        let mut c = Chain::default();
+        c.readable.push((GuestAddress(HDR), 16));
+        c.writable.push((GuestAddress(0x80_0000), len));
+        c.writable.push((GuestAddress(ST), 1));
+        assert_eq!(h.handle(0, &mem, &c).unwrap(), len + 1);
+        let mut back = vec![0u8; len as usize];
+        mem.read_slice(&mut back, GuestAddress(0x80_0000)).unwrap();
+        assert_eq!(back, pattern);
     }
 }

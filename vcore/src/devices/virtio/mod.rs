@@ -113,8 +113,8 @@ impl Chain {
         };
         if last.has_next() {
             return Err(Malformed(format!(
-                "descriptor chain does not end after {} descriptors (a loop, an index past the \
-                 queue, or an unreadable descriptor)",
+                "descriptor chain breaks off after {} descriptor(s): a loop, a next index past \
+                 the queue, an unreadable descriptor or more than 4 GiB in total",
                 descs.len()
             )));
         }

@@ -104,6 +104,33 @@ impl SeqWriter {
         self.set_l2(guest_cluster, off | OFLAG_COPIED, bitmap)
     }
 
+    /// Store consecutive whole clusters uncompressed with one write
+    /// (`data.len()` a multiple of the cluster size, or shorter at the end
+    /// of the image: zero padded).
+    pub fn write_clusters(&mut self, first_guest_cluster: u64, data: &[u8]) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        let n = (data.len() as u64).div_ceil(cs);
+        let off = self.end.next_multiple_of(cs);
+        self.f.write_all_at(data, off).map_err(io)?;
+        let tail = n * cs - data.len() as u64;
+        if tail > 0 {
+            self.f
+                .write_all_at(&vec![0u8; tail as usize], off + data.len() as u64)
+                .map_err(io)?;
+        }
+        self.end = off + n * cs;
+        let bitmap = if self.h.extended_l2() { 0xffff_ffff } else { 0 };
+        for i in 0..n {
+            self.inc(off + i * cs, cs);
+            self.set_l2(
+                first_guest_cluster + i,
+                (off + i * cs) | OFLAG_COPIED,
+                bitmap,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Store a compressed cluster (output of [`compress`]).
     pub fn write_compressed(&mut self, guest_cluster: u64, comp: &[u8]) -> Result<(), String> {
         let h = &self.h;
