@@ -838,3 +838,49 @@ fn logical_partitions_and_backup_gpt() {
     assert_eq!(j["partition"], want["partition"], "{j}");
     assert_eq!(j["cmdline"], want["cmdline"], "{j}");
 }
+
+/// A Fedora-style layout: an ESP with a GRUB stub, a separate ext4 /boot
+/// with BLS entries whose options are `$kernelopts` from grub2/grubenv.
+#[test]
+fn fedora_style_bls_with_kernelopts_in_grubenv() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let img = d.join("fedora.img");
+    sh(&format!(
+        "d={d}; img={img}; mkdir -p $d/esp/EFI/fedora $d/boot/grub2 $d/boot/loader/entries $d/root/etc
+         printf 'search --no-floppy --fs-uuid --set=dev 1c0f-b007\\nset prefix=($dev)/grub2\\nexport $prefix\\nconfigfile $prefix/grub.cfg\\n' > $d/esp/EFI/fedora/grub.cfg
+         printf 'set default=\"${{saved_entry}}\"\\nload_env\\nblscfg\\n' > $d/boot/grub2/grub.cfg
+         printf '# GRUB Environment Block\\nsaved_entry=abc-6.1.0-1.fc38.x86_64\\nkernelopts=root=UUID=1c0f-r00t ro rhgb quiet\\n' > $d/boot/grub2/grubenv
+         printf 'title Fedora Linux (6.1.0-1.fc38.x86_64)\\nversion 6.1.0-1.fc38.x86_64\\nlinux /vmlinuz-6.1.0-1.fc38.x86_64\\ninitrd /initramfs-6.1.0-1.fc38.x86_64.img\\noptions $kernelopts\\n' > $d/boot/loader/entries/abc-6.1.0-1.fc38.x86_64.conf
+         cp {k} $d/boot/vmlinuz-6.1.0-1.fc38.x86_64
+         echo initramfs > $d/boot/initramfs-6.1.0-1.fc38.x86_64.img
+         echo 'UUID=1c0f-r00t / ext4 defaults 1 1' > $d/root/etc/fstab
+         truncate -s 16M $d/esp.img $d/boot.img $d/root.img
+         mkfs.vfat $d/esp.img >/dev/null; mcopy -s -i $d/esp.img $d/esp/EFI ::/
+         mkfs.ext4 -q -F -d $d/boot $d/boot.img >/dev/null
+         mkfs.ext4 -q -F -d $d/root $d/root.img >/dev/null
+         truncate -s 50M $img
+         printf 'label: gpt\\nstart=2048, size=32768, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\\nsize=32768\\nsize=32768\\n' | sfdisk -q $img >/dev/null
+         dd if=$d/esp.img of=$img bs=1M seek=1 conv=notrunc status=none
+         dd if=$d/boot.img of=$img bs=1M seek=17 conv=notrunc status=none
+         dd if=$d/root.img of=$img bs=1M seek=33 conv=notrunc status=none",
+        d = d.display(),
+        img = img.display(),
+        k = guest().join("bzImage").display()
+    ));
+    let j = print_boot_json(&img, &[]);
+    assert_eq!(j["method"], "bls", "{j}");
+    assert_eq!(
+        j["config"], "/loader/entries/abc-6.1.0-1.fc38.x86_64.conf on partition 2 (ext4)",
+        "{j}"
+    );
+    assert_eq!(j["kernel_path"], "/vmlinuz-6.1.0-1.fc38.x86_64", "{j}");
+    assert_eq!(
+        j["initrd_paths"][0], "/initramfs-6.1.0-1.fc38.x86_64.img",
+        "{j}"
+    );
+    assert_eq!(
+        j["cmdline"], "root=UUID=1c0f-r00t ro rhgb quiet console=ttyS0",
+        "{j}"
+    );
+}

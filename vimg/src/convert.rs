@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, R};
-use crate::map::{is_zero_range, open_chain, read_chain, Layer};
+use crate::map::{is_zero_range, open_chain, read_chain, status, Layer};
 use std::io::Write;
 use std::path::Path;
 use vcore::image::qcow2::Qcow2Device;
@@ -140,6 +140,8 @@ pub fn run(a: ConvertArgs) -> R<()> {
     // overlap.
     type Chunk = (u64, Vec<u8>, Option<Vec<u8>>);
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<Chunk>>(4);
+    // Buffers go back to the reader: no page faults on fresh allocations.
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let skip_zero = fresh && backing.is_none() && sparse != 0;
     std::thread::scope(|sc| -> R<()> {
         let backing = &mut backing;
@@ -149,13 +151,20 @@ pub fn run(a: ConvertArgs) -> R<()> {
                 let size = src[0].size();
                 let mut off = 0u64;
                 while off < size {
-                    let n = (size - off).min(CHUNK) as usize;
-                    // Nothing to write for a zero range of a fresh target.
-                    if skip_zero && matches!(is_zero_range(src, off, n as u64), Ok(true)) {
-                        off += n as u64;
-                        continue;
+                    let mut n = (size - off).min(CHUNK) as usize;
+                    // Follow block status: skip zero runs of a fresh target,
+                    // read data runs only as far as they go.
+                    if skip_zero {
+                        if let Ok(e) = status(src, off, n as u64) {
+                            if e.zero {
+                                off += e.length.clamp(1, n as u64);
+                                continue;
+                            }
+                            n = (e.length as usize).clamp(1, n);
+                        }
                     }
-                    let mut buf = vec![0u8; n];
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    buf.resize(n, 0);
                     if let Err(e) = read_chain(src, off, &mut buf) {
                         let _ = tx.send(Err(fail(format!(
                             "error while reading at byte {}: {}",
@@ -231,9 +240,11 @@ pub fn run(a: ConvertArgs) -> R<()> {
                     progress(done as f64 * 100.0 / total as f64);
                 }
             }
+            let _ = pool_tx.send(buf);
         }
         Ok(())
     })?;
+    drop(pool_tx);
     // Like qemu-img convert (cache=unsafe): no fsync; data reaches the disk
     // with the page cache.
     drop(target);
@@ -292,6 +303,7 @@ fn convert_seq(
     let mut last_pct = -1i64;
     // Reader thread: (guest offset, data, backing data).
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<(u64, Vec<u8>, Option<Vec<u8>>)>>(2);
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|sc| -> R<()> {
         let backing = &mut backing;
         sc.spawn(move || {
@@ -309,7 +321,9 @@ fn convert_seq(
                         off += n as u64;
                         continue;
                     }
-                    let mut buf = vec![0u8; n.next_multiple_of(cs as usize)];
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    buf.clear();
+                    buf.resize(n.next_multiple_of(cs as usize), 0);
                     if let Err(e) = read_chain(src, off, &mut buf[..n]) {
                         let _ = tx.send(Err(e));
                         return;
@@ -413,6 +427,8 @@ fn convert_seq(
                     progress(done as f64 * 100.0 / total as f64);
                 }
             }
+            drop(clusters);
+            let _ = pool_tx.send(buf);
         }
         Ok(())
     })?;

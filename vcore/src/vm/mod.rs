@@ -371,6 +371,9 @@ impl Vm {
         install_signal_handlers();
         let on_start = Arc::new(on_start);
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        // Each vCPU thread says when it ends, so stopping waits for exactly
+        // that instead of polling.
+        let (done_tx, done_rx) = mpsc::channel::<usize>();
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
             let ctx = vcpu::VcpuCtx {
                 index: i as u32,
@@ -382,6 +385,7 @@ impl Vm {
             };
             let on_start = on_start.clone();
             let control = self.control.clone();
+            let done = done_tx.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
@@ -389,7 +393,8 @@ impl Vm {
                     let tid = unsafe { libc::gettid() };
                     control.register(i as u32, tid);
                     on_start(i as u32, tid);
-                    vcpu::run(vcpu, ctx)
+                    vcpu::run(vcpu, ctx);
+                    let _ = done.send(i);
                 })
                 .map_err(VmError::Thread)?;
             threads.push(h);
@@ -414,20 +419,41 @@ impl Vm {
             }
         };
 
-        // Stop every vCPU: set the flag, then kick until each thread ends.
+        // Stop every vCPU: set the flag, then kick the running ones until
+        // each has said it ended (a kick can land just before a thread
+        // enters KVM_RUN, hence the repeat).
         self.control.stop();
-        for h in threads {
-            while !h.is_finished() {
-                // SAFETY: the thread is alive (not finished) and the kick
+        drop(done_tx);
+        let mut running = vec![true; threads.len()];
+        let mut left = threads.len();
+        while left > 0 {
+            for (h, _) in threads.iter().zip(&running).filter(|(_, &r)| r) {
+                // SAFETY: the thread has not ended (it has not reported on
+                // `done`, and the handle keeps it joinable) and the kick
                 // signal has a handler installed above.
                 unsafe {
                     libc::pthread_kill(
-                        std::os::unix::thread::JoinHandleExt::as_pthread_t(&h),
+                        std::os::unix::thread::JoinHandleExt::as_pthread_t(h),
                         kick_signal(),
                     )
                 };
-                std::thread::sleep(Duration::from_millis(1));
             }
+            match done_rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(i) => {
+                    running[i] = false;
+                    left -= 1;
+                    // Collect the others that already ended without kicking.
+                    while let Ok(i) = done_rx.try_recv() {
+                        running[i] = false;
+                        left -= 1;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // A thread panicked before reporting: join tells.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for h in threads {
             let _ = h.join();
         }
         self.pci.shutdown();

@@ -221,6 +221,21 @@ fn grub_search(w: &[String]) -> Option<RootHint> {
     }
 }
 
+/// Expand `$var`s in a BLS entry's options from a grubenv block (Fedora's
+/// `options $kernelopts`, which GRUB's `blscfg` expands).
+pub fn expand_grubenv(s: &str, grubenv: &str) -> String {
+    if !s.contains('$') {
+        return s.to_string();
+    }
+    let vars: Vec<(String, String)> = grubenv
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    expand(s, &vars)
+}
+
 fn expand(s: &str, vars: &[(String, String)]) -> String {
     let mut out = String::new();
     let mut rest = s;
@@ -266,7 +281,20 @@ pub fn split_device(path: &str) -> (Option<RootHint>, String) {
 /// Parse grub.cfg: the `set default=` entry (index, `N>M`, title or id),
 /// else the first; `$var`s from simple `set` lines are expanded.
 pub fn grub(text: &str) -> Parsed {
+    grub_with_env(text, "")
+}
+
+/// [`grub`] with the `grubenv` block next to grub.cfg, whose variables
+/// (`saved_entry`, `next_entry`, `kernelopts`) `load_env` would set.
+pub fn grub_with_env(text: &str, grubenv: &str) -> Parsed {
     let mut vars: Vec<(String, String)> = vec![("menuentry_id_option".into(), "--id".into())];
+    for line in grubenv.lines() {
+        if let Some((k, v)) = line.split_once('=') {
+            if !k.starts_with('#') && !k.is_empty() {
+                vars.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+    }
     let mut default: Option<String> = None;
     let mut global_root: Option<RootHint> = None;
     // Top-level items: an entry, or a submenu of entries.
@@ -703,6 +731,23 @@ submenu 'Advanced' {
         assert_eq!(e.options, "root=/dev/sda2 ro quiet");
         assert_eq!(e.initrds, ["/initrd.img-3.2"]);
         assert_eq!(e.root, Some(RootHint::Part(2)));
+    }
+
+    #[test]
+    fn grub_saved_entry_from_grubenv() {
+        let t = "if [ -s $prefix/grubenv ]; then\n  load_env\nfi\nif [ \"${next_entry}\" ] ; then\n   set default=\"${next_entry}\"\nelse\n   set default=\"${saved_entry}\"\nfi\nmenuentry 'A' --id a {\n linux /a\n}\nmenuentry 'B' --id b {\n linux /b $kernelopts\n}\n";
+        let env = "# GRUB Environment Block\nsaved_entry=b\nkernelopts=root=/dev/vda2 ro\n#####\n";
+        let Parsed::Entry(e) = grub_with_env(t, env) else {
+            panic!()
+        };
+        assert_eq!(e.kernel, "/b");
+        assert_eq!(e.options, "root=/dev/vda2 ro");
+        let Parsed::Entry(e) = grub(t) else { panic!() };
+        assert_eq!(e.kernel, "/a");
+        assert_eq!(
+            expand_grubenv("$kernelopts quiet", env),
+            "root=/dev/vda2 ro quiet"
+        );
     }
 
     #[test]

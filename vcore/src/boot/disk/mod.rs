@@ -382,7 +382,21 @@ impl Ctx<'_> {
             }
         }
         let loader = self.read_text(i, &format!("{dir}/loader.conf"));
-        let chosen = config::bls_default(entries, loader.as_deref())?;
+        let mut chosen = config::bls_default(entries, loader.as_deref())?;
+        // Fedora's `options $kernelopts`: GRUB's blscfg expands it from grubenv.
+        if chosen.entry.options.contains('$') {
+            for env in [
+                "/grub2/grubenv",
+                "/boot/grub2/grubenv",
+                "/grub/grubenv",
+                "/boot/grub/grubenv",
+            ] {
+                if let Some(e) = self.read_text(i, env) {
+                    chosen.entry.options = config::expand_grubenv(&chosen.entry.options, &e);
+                    break;
+                }
+            }
+        }
         // Paths in entries are relative to the partition holding them; on a
         // root filesystem (/boot/loader) that is /boot.
         let base = dir.trim_end_matches("/loader").to_string();
@@ -398,7 +412,12 @@ impl Ctx<'_> {
     fn grub(&mut self, i: usize, path: &str, depth: u32) -> Option<Found> {
         let text = self.read_text(i, path)?;
         let where_ = format!("{path} on {}", self.label(i));
-        match config::grub(&text) {
+        let env_path = format!(
+            "{}/grubenv",
+            path.rsplit_once('/').map(|x| x.0).unwrap_or("")
+        );
+        let env = self.read_text(i, &env_path).unwrap_or_default();
+        match config::grub_with_env(&text, &env) {
             Parsed::Entry(entry) => {
                 let part = self.root_part(i, entry.root.as_ref());
                 Some(Found {
