@@ -255,3 +255,118 @@ fn i8042_reset_ends_the_vm_with_no_reboot_and_reboots_without() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
 }
+
+#[test]
+fn serial_on_a_unix_socket_waits_for_its_client() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("serial.sock");
+    let child = Command::new(bin("vmrun"))
+        .args(["-kernel", env!("TINY_HELLO"), "-m", "32", "-serial"])
+        .arg(format!("unix:{},server", sock.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut conn = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "no serial socket"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let mut got = String::new();
+    conn.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "Hello from the tiny guest\n");
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(42));
+}
+
+/// The CPUID tables vmrun hands to KVM, read back with KVM_GET_CPUID2: the
+/// guest-visible identity, topology and KVM leaves of every vCPU (feature
+/// flags leak from the host on nested PVM hosts, so the tables are the
+/// place to check them there).
+#[test]
+fn cpuid_tables_read_back_from_kvm() {
+    if !kvm_available() {
+        return;
+    }
+    let (code, out, err) = vmrun(&[
+        "-kernel",
+        env!("TINY_HELLO"),
+        "-m",
+        "32",
+        "-smp",
+        "4,sockets=2,cores=2",
+        "-cpu",
+        "qemu64,-svm,+popcnt",
+        "--print-cpuid",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Vec<u64>> = out
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            vec![
+                f[0].parse().unwrap(),
+                u64::from_str_radix(f[1], 16).unwrap(),
+                f[2].parse().unwrap(),
+                u64::from_str_radix(f[3], 16).unwrap(),
+                u64::from_str_radix(f[4], 16).unwrap(),
+                u64::from_str_radix(f[5], 16).unwrap(),
+                u64::from_str_radix(f[6], 16).unwrap(),
+            ]
+        })
+        .collect();
+    let get = |vcpu: u64, leaf: u64, index: u64| {
+        rows.iter()
+            .find(|r| r[0] == vcpu && r[1] == leaf && r[2] == index)
+            .unwrap_or_else(|| panic!("vCPU {vcpu} leaf {leaf:#x}.{index} missing:\n{out}"))
+            .clone()
+    };
+    for vcpu in 0..4u64 {
+        let l0 = get(vcpu, 0, 0);
+        assert_eq!(l0[3], 0xd, "max basic leaf of qemu64");
+        // "AuthenticAMD": EBX, EDX, ECX.
+        assert_eq!(
+            (l0[4], l0[5], l0[6]),
+            (0x6874_7541, 0x444d_4163, 0x6974_6e65)
+        );
+        let l1 = get(vcpu, 1, 0);
+        assert_eq!(l1[3], 0x0006_0fb1, "family 0xf model 0x6b stepping 1");
+        // APIC ID: socket << 1 | core (2 cores, 1 thread); 2 logical CPUs per package.
+        assert_eq!(l1[4] >> 24, vcpu, "APIC ID of vCPU {vcpu}");
+        assert_eq!((l1[4] >> 16) & 0xff, 2);
+        assert_ne!(l1[5] & (1 << 31), 0, "hypervisor bit");
+        assert_ne!(l1[5] & (1 << 23), 0, "+popcnt");
+        let e1 = get(vcpu, 0x8000_0001, 0);
+        assert_eq!(e1[5] & (1 << 2), 0, "-svm");
+        assert_ne!(e1[6] & (1 << 29), 0, "long mode");
+        let k = get(vcpu, 0x4000_0000, 0);
+        // "KVMKVMKVM"
+        assert_eq!((k[4], k[5], k[6]), (0x4b4d_564b, 0x564b_4d56, 0x0000_004d));
+        let brand: String = (0x8000_0002..=0x8000_0004u64)
+            .flat_map(|leaf| {
+                let r = get(vcpu, leaf, 0);
+                r[3..7]
+                    .iter()
+                    .flat_map(|w| (*w as u32).to_le_bytes())
+                    .collect::<Vec<u8>>()
+            })
+            .map(char::from)
+            .collect();
+        assert!(
+            brand.starts_with("QEMU Virtual CPU version 2.5+"),
+            "{brand:?}"
+        );
+    }
+}

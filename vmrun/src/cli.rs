@@ -116,6 +116,10 @@ pub struct Cli {
     /// Who unpacks a bzImage's compressed kernel
     #[arg(long = "kernel-decompress", value_enum, default_value = "host")]
     pub kernel_decompress: DecompressArg,
+    /// Build the VM, print the CPUID table KVM holds for each vCPU
+    /// (KVM_GET_CPUID2) and exit without running the guest
+    #[arg(long = "print-cpuid")]
+    pub print_cpuid: bool,
     /// Report what this host offers for guests and exit
     #[arg(long = "check-host")]
     pub check_host: bool,

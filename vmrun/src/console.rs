@@ -176,3 +176,70 @@ pub fn spawn_stdin(t: StdinTargets) {
             }
         });
 }
+
+/// The serial port on a Unix socket (`-serial unix:PATH,server,nowait`):
+/// output goes to the connected client (dropped while none is), the
+/// client's input goes to the UART. One client at a time; a new one
+/// replaces the old.
+#[derive(Clone, Default)]
+pub struct UnixSerial {
+    client: Arc<Mutex<Option<std::os::unix::net::UnixStream>>>,
+}
+
+impl Write for UnixSerial {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut c = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = c.as_mut() {
+            if s.write_all(buf).is_err() {
+                *c = None;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Listen on `path`; with `wait`, block until the first client connects
+/// (QEMU's default without `nowait`).
+pub fn serve_serial_unix(
+    path: &std::path::Path,
+    slot: SerialSlot,
+    wait: bool,
+) -> std::io::Result<UnixSerial> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    let out = UnixSerial::default();
+    let attach = |conn: std::os::unix::net::UnixStream, out: &UnixSerial, slot: SerialSlot| {
+        if let Ok(w) = conn.try_clone() {
+            *out.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+        }
+        let _ = std::thread::Builder::new()
+            .name("serial-in".into())
+            .spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 256];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    feed(&slot, &buf[..n]);
+                }
+            });
+    };
+    if wait {
+        let (conn, _) = listener.accept()?;
+        attach(conn, &out, slot.clone());
+    }
+    let o = out.clone();
+    std::thread::Builder::new()
+        .name("serial-accept".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                attach(conn, &o, slot.clone());
+            }
+        })?;
+    Ok(out)
+}

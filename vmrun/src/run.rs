@@ -485,6 +485,7 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
     }
     let _pidfile = cli.pidfile.as_deref().map(PidFile::create).transpose()?;
 
+    let serial_slot: console::SerialSlot = Arc::new(Mutex::new(None));
     let (serial_out, stdio_console) = match serial_spec.as_str() {
         "stdio" | "mon:stdio" => (SerialOut::Stdout, true),
         "null" | "none" => (SerialOut::Null, false),
@@ -494,9 +495,22 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
                 .with_context(|| format!("-serial {s}: could not create '{path}'"))?;
             (SerialOut::Writer(Box::new(f)), false)
         }
+        s if s.starts_with("unix:") => {
+            let dev = Chardev::parse(s).map_err(|e| Failure::Usage(format!("-serial {e}")))?;
+            let Chardev::Unix(path) = dev else {
+                return Err(Failure::Usage(format!(
+                    "-serial {s}: expected unix:PATH,server,nowait"
+                )));
+            };
+            let wait = !s.split(',').any(|o| o == "nowait");
+            let w = console::serve_serial_unix(&path, serial_slot.clone(), wait).with_context(
+                || format!("-serial {s}: could not listen on '{}'", path.display()),
+            )?;
+            (SerialOut::Writer(Box::new(w)), false)
+        }
         s => {
             return Err(Failure::Usage(format!(
-                "-serial {s}: expected stdio, file:PATH, null or none"
+                "-serial {s}: expected stdio, file:PATH, unix:PATH,server,nowait, null or none"
             )))
         }
     };
@@ -524,7 +538,6 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
         SerialOut::Writer(w) => Some(SharedWriter::new(w)),
         SerialOut::Null => None,
     };
-    let serial_slot: console::SerialSlot = Arc::new(Mutex::new(None));
     let mut mon: Option<Arc<MonitorCtx>> = None;
     let mut monitor_path = None;
     let pid = std::process::id() as i32;
@@ -559,6 +572,19 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
             rng: devices.rng,
         };
         let vm = Vm::new(cfg).map_err(|e| anyhow!(e.to_string()))?;
+        if cli.print_cpuid {
+            let tables = vm.cpuid_tables().map_err(|e| anyhow!(e.to_string()))?;
+            println!("vcpu     leaf  index      eax      ebx      ecx      edx");
+            for (i, t) in tables.iter().enumerate() {
+                for e in t {
+                    println!(
+                        "{i:>4} {:08x} {:>6} {:08x} {:08x} {:08x} {:08x}",
+                        e.function, e.index, e.eax, e.ebx, e.ecx, e.edx
+                    );
+                }
+            }
+            return Ok(0);
+        }
         *serial_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.serial());
         if let Some(m) = &mon {
             m.set_control(vm.control());

@@ -357,6 +357,20 @@ impl Vm {
         self.control.clone()
     }
 
+    /// The CPUID table KVM holds for each vCPU, read back with
+    /// `KVM_GET_CPUID2`.
+    pub fn cpuid_tables(&self) -> Result<Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>, VmError> {
+        self.vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map(|c| c.as_slice().to_vec())
+                    .map_err(kvm_err(format!("read back the CPUID of vCPU {i}")))
+            })
+            .collect()
+    }
+
     /// Boot markers recorded so far.
     pub fn markers(&self) -> Markers {
         self.markers.clone()
