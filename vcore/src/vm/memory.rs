@@ -167,6 +167,13 @@ pub fn create(
             size: len,
             source: std::io::Error::other(e.to_string()),
         })?;
+        if file.is_none() {
+            // As QEMU does: let the kernel back anonymous guest RAM with
+            // transparent hugepages (fewer faults, shorter prealloc, fewer
+            // TLB misses in the guest). Advice only: failure is harmless.
+            // SAFETY: the range is the mapping we just created.
+            unsafe { libc::madvise(region.as_ptr().cast(), len as usize, libc::MADV_HUGEPAGE) };
+        }
         if prealloc_pages {
             prealloc(
                 region.as_ptr() as usize,
