@@ -20,3 +20,39 @@ pub fn run(name: &str, args: &[&str]) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {name}: {e}"))
 }
+
+/// Whether this host can run guests: /dev/kvm opens read-write. Prints the
+/// skip reason when it cannot, so a skipped test says why.
+pub fn kvm_available() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        return true;
+    }
+    eprintln!("SKIP: /dev/kvm cannot be opened read-write on this host");
+    false
+}
+
+/// Run `vmrun` with `args` and stdin from /dev/null: (exit status, stdout,
+/// stderr); -1 when it died of a signal.
+pub fn vmrun(args: &[&str]) -> (i32, String, String) {
+    let b = bin("vmrun");
+    assert!(
+        b.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        b.display()
+    );
+    let out = Command::new(b)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run vmrun");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -14,31 +14,12 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use e2e::bin;
+use e2e::{bin, vmrun};
 
 const FS_UUID: &str = "5a0c7e11-d15c-4b00-8000-00000000b007";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn vmrun(args: &[&str]) -> (i32, String, String) {
-    let b = bin("vmrun");
-    assert!(
-        b.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        b.display()
-    );
-    let out = Command::new(b)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmrun");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Run a bash script (set -e); panics with its output on failure.

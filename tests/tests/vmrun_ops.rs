@@ -9,20 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::bin;
-
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("SKIP: /dev/kvm cannot be opened read-write on this host");
-    false
-}
+use e2e::{bin, kvm_available};
 
 fn wait_gone(pid: i32) {
     let start = Instant::now();

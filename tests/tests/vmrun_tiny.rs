@@ -5,33 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::bin;
-
-fn vmrun(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("vmrun"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmrun");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("SKIP: /dev/kvm cannot be opened read-write on this host");
-    false
-}
+use e2e::{bin, kvm_available, vmrun};
 
 #[test]
 fn hello_prints_and_exits_with_the_guest_status() {
