@@ -448,3 +448,149 @@ impl QueueHandler for NetHandler {
         self.pending.is_none()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A backend over two in-memory queues of frames.
+    #[derive(Default)]
+    struct Mock {
+        rx: Mutex<Vec<Vec<u8>>>,
+        tx: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Backend for Mock {
+        fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let mut q = self.rx.lock().unwrap();
+            if q.is_empty() {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let f = q.remove(0);
+            buf[..f.len()].copy_from_slice(&f);
+            Ok(f.len())
+        }
+        fn send(&self, buf: &[u8]) -> std::io::Result<usize> {
+            self.tx.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn fd(&self) -> Option<RawFd> {
+            None
+        }
+    }
+
+    fn setup() -> (GuestMemoryMmap, Arc<Mock>, NetHandler) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let m = Arc::new(Mock::default());
+        let h = NetHandler::new(m.clone());
+        (mem, m, h)
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:99").unwrap(),
+            [0x52, 0x54, 0, 0x12, 0x34, 0x99]
+        );
+        assert_eq!(parse_mac("02-00-00-00-00-0A").unwrap()[5], 10);
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:5g",
+            "525:4:00:12:34:56",
+            "01:00:5e:00:00:01",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_mac(&default_mac(0)), "52:54:00:12:34:56");
+        assert_eq!(format_mac(&default_mac(1)), "52:54:00:12:34:57");
+    }
+
+    #[test]
+    fn features_and_config() {
+        let n = Net::new(&NetSpec {
+            id: "net0".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            backend: Arc::new(Mock::default()),
+        });
+        assert_eq!(n.features(), F_VERSION_1 | F_MAC | F_STATUS);
+        assert_eq!(n.device_type(), 1);
+        assert_eq!(n.queue_max_sizes().len(), 2);
+        let mut c = [0xffu8; 12];
+        n.read_config(0, &mut c);
+        assert_eq!(&c[..6], &[2, 0, 0, 0, 0, 1]);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), S_LINK_UP);
+        assert_eq!(&c[10..], &[0, 0]);
+    }
+
+    #[test]
+    fn rx_waits_for_a_frame_then_fills_split_buffers() {
+        let (mem, m, mut h) = setup();
+        assert!(
+            !h.ready(RXQ),
+            "no frame: the RX buffers must stay available"
+        );
+        assert!(h.want_fd());
+        let mut frame = vec![0u8; HDR_LEN];
+        frame.extend((0..100u8).collect::<Vec<_>>());
+        m.rx.lock().unwrap().push(frame.clone());
+        assert!(h.ready(RXQ));
+        assert!(!h.want_fd(), "a frame waits: stop polling the tap");
+        let mut c = Chain::default();
+        c.writable.push((GuestAddress(0x1000), 20));
+        c.writable.push((GuestAddress(0x2000), 200));
+        assert_eq!(h.handle(RXQ, &mem, &c).unwrap(), frame.len() as u32);
+        let mut got = vec![0u8; 20];
+        mem.read_slice(&mut got, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&got[10..12], &1u16.to_le_bytes(), "num_buffers is 1");
+        assert_eq!(&got[12..], &frame[12..20]);
+        let mut rest = vec![0u8; 92];
+        mem.read_slice(&mut rest, GuestAddress(0x2000)).unwrap();
+        assert_eq!(&rest[..], &frame[20..]);
+        assert!(h.want_fd());
+    }
+
+    #[test]
+    fn rx_drops_a_frame_that_does_not_fit() {
+        let (mem, m, mut h) = setup();
+        m.rx.lock().unwrap().push(vec![0u8; 2000]);
+        assert!(h.ready(RXQ));
+        let mut c = Chain::default();
+        c.writable.push((GuestAddress(0x1000), 1526));
+        assert_eq!(h.handle(RXQ, &mem, &c).unwrap(), 0);
+        assert!(!h.ready(RXQ));
+    }
+
+    #[test]
+    fn bad_buffers_are_malformed() {
+        let (mem, m, mut h) = setup();
+        m.rx.lock().unwrap().push(vec![0u8; 60]);
+        assert!(h.ready(RXQ));
+        let mut c = Chain::default();
+        c.writable.push((GuestAddress(0x1000), 8));
+        assert!(h.handle(RXQ, &mem, &c).is_err());
+        let mut c = Chain::default();
+        c.readable.push((GuestAddress(0x1000), 10));
+        assert!(h.handle(TXQ, &mem, &c).is_err());
+        assert!(m.tx.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn tx_sends_header_and_frame_gathered() {
+        let (mem, m, mut h) = setup();
+        let hdr = [0u8; HDR_LEN];
+        let payload: Vec<u8> = (0..64u8).collect();
+        mem.write_slice(&hdr, GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&payload, GuestAddress(0x3000)).unwrap();
+        let mut c = Chain::default();
+        c.readable.push((GuestAddress(0x1000), HDR_LEN as u32));
+        c.readable.push((GuestAddress(0x3000), 64));
+        assert_eq!(h.handle(TXQ, &mem, &c).unwrap(), 0);
+        let sent = m.tx.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(&sent[0][..HDR_LEN], &hdr);
+        assert_eq!(&sent[0][HDR_LEN..], &payload[..]);
+    }
+}
