@@ -168,9 +168,17 @@ pub struct Cli {
     /// Write to temporary overlays; the disk images stay unchanged
     #[arg(long)]
     pub snapshot: bool,
-    /// A device: virtio-rng-pci, or virtio-blk-pci,drive=ID for an if=none drive
+    /// A device: virtio-rng-pci, virtio-blk-pci,drive=ID for an if=none drive, or
+    /// virtio-net-pci,netdev=ID[,mac=MAC]
     #[arg(long, value_name = "DRIVER[,prop=value...]")]
     pub device: Vec<String>,
+    /// A network backend: tap,id=ID[,ifname=NAME][,script=no][,downscript=no][,vhost=off] or
+    /// bridge,id=ID,br=BRIDGE (see docs/vmrun.md, Networking)
+    #[arg(long, value_name = "tap|bridge,id=ID[,...]")]
+    pub netdev: Vec<String>,
+    /// A NIC and its backend in one: tap[,ifname=NAME][,mac=MAC] or bridge,br=BRIDGE[,mac=MAC]
+    #[arg(long, value_name = "tap|bridge[,...]")]
+    pub nic: Vec<String>,
     /// Disk image (raw or qcow2) to boot from when no -kernel is given
     #[arg(value_name = "IMAGE")]
     pub image: Option<PathBuf>,

@@ -247,6 +247,8 @@ pub fn parse_devices(list: &[String]) -> Result<Devices, String> {
         let (first, kv) = vcore::qemuopts::split(s);
         let driver = first.unwrap_or_default();
         match driver.as_str() {
+            // NICs and passthrough: parsed by net.rs.
+            "virtio-net-pci" | "virtio-net" | "vfio-pci" => {}
             "virtio-rng-pci" | "virtio-rng" => {
                 if let Some((k, _)) = kv.iter().find(|(k, _)| k != "id") {
                     return Err(format!("-device {s}: Property '{driver}.{k}' not found"));
@@ -274,8 +276,8 @@ pub fn parse_devices(list: &[String]) -> Result<Devices, String> {
             }
             _ => {
                 return Err(format!(
-                    "-device {s}: device '{driver}' is not supported (vmrun has virtio-rng-pci \
-                     and virtio-blk-pci,drive=ID; give disks with -drive)"
+                    "-device {s}: device '{driver}' is not supported (vmrun has virtio-rng-pci, \
+                     virtio-blk-pci,drive=ID and virtio-net-pci,netdev=ID; give disks with -drive)"
                 ))
             }
         }

@@ -2,6 +2,7 @@ mod cli;
 mod console;
 mod diskboot;
 mod drive;
+mod net;
 mod run;
 
 fn main() {

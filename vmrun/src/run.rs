@@ -472,6 +472,7 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
         _ => mem_size = vcore::units::round_up(mem_size, 2 << 20),
     }
 
+    let nics = crate::net::parse(&cli.netdev, &cli.nic, &cli.device).map_err(Failure::Usage)?;
     let devices = crate::drive::parse_devices(&cli.device).map_err(Failure::Usage)?;
     // The positional IMAGE is the first disk, like QEMU's (-hda).
     let hda = cli.hda.as_deref().or(cli.image.as_deref());
@@ -480,6 +481,7 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
             crate::drive::DriveError::Usage(m) => Failure::Usage(m),
             crate::drive::DriveError::Open(m) => Failure::Runtime(anyhow!(m)),
         })?;
+    let nets = crate::net::open(&nics).map_err(|e| Failure::Runtime(anyhow!(e)))?;
     if cli.daemonize {
         *daemon = Some(Daemon::start()?);
     }
@@ -570,6 +572,7 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
             pvm_quirks,
             disks: disks.iter().map(|d| d.spec.clone()).collect(),
             rng: devices.rng,
+            nets: nets.clone(),
         };
         let vm = Vm::new(cfg).map_err(|e| anyhow!(e.to_string()))?;
         if cli.print_cpuid {

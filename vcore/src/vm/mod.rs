@@ -63,6 +63,8 @@ pub struct VmConfig {
     pub disks: Vec<crate::devices::virtio::DiskSpec>,
     /// A virtio-rng device on PCI.
     pub rng: bool,
+    /// virtio-net NICs on PCI (see [`crate::devices::virtio::net`]).
+    pub nets: Vec<crate::devices::virtio::net::NetSpec>,
 }
 
 impl VmConfig {
@@ -248,8 +250,10 @@ impl Vm {
             .map_err(dev_err)?;
 
         // PCI root bus and virtio devices (MSI-X routes need the irqchip).
-        let pci = crate::devices::virtio::attach(&vm_fd, &mem, &pio, &mmio, &cfg.disks, cfg.rng)
-            .map_err(VmError::Device)?;
+        let pci = crate::devices::virtio::attach(
+            &vm_fd, &mem, &pio, &mmio, &cfg.disks, cfg.rng, &cfg.nets,
+        )
+        .map_err(VmError::Device)?;
 
         // CPUID table for the model.
         let supported = kvm

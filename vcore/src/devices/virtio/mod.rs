@@ -12,6 +12,7 @@
 //! The VMM keeps running; a driver reset revives the device.
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod rng;
 
@@ -89,6 +90,21 @@ pub trait QueueHandler: Send {
     ) -> Result<u32, Malformed>;
     /// Called when the device stops (reset, VM exit).
     fn stop(&mut self) {}
+    /// Whether queue `queue` has work for a buffer now (virtio-net RX: a
+    /// frame waits); when false the queue's buffers stay available.
+    fn ready(&mut self, _queue: usize) -> bool {
+        true
+    }
+    /// An extra fd the I/O thread polls (a tap) and the queue to serve
+    /// when it is readable.
+    fn poll_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
+    /// Whether the extra fd should be polled now (not while a frame
+    /// already waits for a buffer).
+    fn want_fd(&self) -> bool {
+        true
+    }
 }
 
 /// A checked descriptor chain: its readable then writable buffers, all of
@@ -278,6 +294,15 @@ pub(crate) fn io_loop(
         events: libc::POLLIN,
         revents: 0,
     });
+    let stop_idx = evts.len();
+    let extra = handler.poll_fd();
+    if let Some((fd, _)) = extra {
+        fds.push(libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
     // Requests may already be waiting (a driver that notified before
     // DRIVER_OK, or a restart): look at every queue once.
     let mut ready: Vec<bool> = vec![true; queues.len()];
@@ -299,6 +324,13 @@ pub(crate) fn io_loop(
         for f in fds.iter_mut() {
             f.revents = 0;
         }
+        if extra.is_some() {
+            fds[stop_idx + 1].events = if handler.want_fd() && !broken {
+                libc::POLLIN
+            } else {
+                0
+            };
+        }
         // SAFETY: `fds` is a valid array of pollfd for its length.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if r < 0 {
@@ -308,13 +340,20 @@ pub(crate) fn io_loop(
             }
             break;
         }
-        if fds[fds.len() - 1].revents != 0 {
+        if fds[stop_idx].revents != 0 {
             break;
         }
         for (k, e) in evts.iter().enumerate() {
             ready[k] = fds[k].revents != 0;
             if ready[k] {
                 let _ = e.read();
+            }
+        }
+        if let Some((_, q)) = extra {
+            if fds[stop_idx + 1].revents != 0 {
+                if let Some(k) = queues.iter().position(|(qi, _)| *qi == q) {
+                    ready[k] = true;
+                }
             }
         }
     }
@@ -335,7 +374,12 @@ fn serve(
             break Err(Malformed(format!("used ring not accessible: {e}")));
         }
         let mut failed = None;
+        let mut idle = false;
         loop {
+            if !handler.ready(qi) {
+                idle = true;
+                break;
+            }
             let chain = match q.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
@@ -363,6 +407,13 @@ fn serve(
         }
         if let Some(m) = failed {
             break Err(m);
+        }
+        if idle {
+            // Nothing to put in the buffers: leave them for later.
+            if let Err(e) = q.enable_notification(mem) {
+                break Err(Malformed(format!("used ring not accessible: {e}")));
+            }
+            break Ok(());
         }
         match q.enable_notification(mem) {
             Ok(true) => continue,
@@ -423,6 +474,7 @@ pub fn attach(
     mmio: &Bus,
     disks: &[DiskSpec],
     rng: bool,
+    nets: &[net::NetSpec],
 ) -> Result<PciDevices, String> {
     let root = PciRoot::new();
     root.attach(pio, mmio).map_err(|e| e.to_string())?;
@@ -433,6 +485,9 @@ pub fn attach(
     }
     if rng {
         devs.push(Box::new(rng::Rng::new("rng0")));
+    }
+    for n in nets {
+        devs.push(Box::new(net::Net::new(n)));
     }
     let mut devices = Vec::new();
     for dev in devs {
