@@ -35,9 +35,11 @@ fn parse_netdev(
     let mut mac = None;
     match ty.as_str() {
         "tap" | "bridge" => {}
-        "user" => return Err(format!(
+        "user" => {
+            return Err(format!(
             "{opt} {s}: user-mode networking is not available yet (needs passt); use tap or bridge"
-        )),
+        ))
+        }
         "" => {
             return Err(format!(
                 "{opt} {s}: a backend type is needed (tap or bridge)"
