@@ -28,6 +28,10 @@ Examples:
   vmrun -m 256m -kernel bzImage -append 'root=/dev/vda console=ttyS0' -hda root.img \\
         -drive file=data.raw,format=raw,readonly=on -snapshot -nographic
 
+  # A NIC on bridge br0 (as root), address by DHCP:
+  vmrun -m 256m -kernel bzImage -append 'console=ttyS0 ip=dhcp' -nographic \\
+        -netdev bridge,id=n0,br=br0 -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:99
+
   # What can this host do?
   vmrun --check-host
 
