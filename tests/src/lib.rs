@@ -56,3 +56,21 @@ pub fn vmrun(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The minimal Linux guest built by scripts/build-guest.sh (`build/guest`
+/// with bzImage and initramfs.cpio). Missing, it fails the test with what
+/// to run, or returns `None` with a printed reason when VTOOLS_SKIP_LINUX
+/// is set.
+pub fn guest_dir() -> Option<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest");
+    if dir.join("bzImage").exists() && dir.join("initramfs.cpio").exists() {
+        return Some(dir);
+    }
+    if std::env::var_os("VTOOLS_SKIP_LINUX").is_some() {
+        eprintln!("SKIP: build/guest is missing and VTOOLS_SKIP_LINUX is set");
+        return None;
+    }
+    panic!(
+        "build/guest/bzImage or initramfs.cpio is missing: run scripts/build-guest.sh (CI does)"
+    );
+}

@@ -116,26 +116,12 @@ fn bridge_that_does_not_exist_is_named() {
     assert!(err.contains("bridge 'nosuchbr0' does not exist"), "{err}");
 }
 
-fn guest_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest");
-    if dir.join("bzImage").exists() && dir.join("initramfs.cpio").exists() {
-        return Some(dir);
-    }
-    if std::env::var_os("VTOOLS_SKIP_LINUX").is_some() {
-        eprintln!("SKIP: build/guest is missing and VTOOLS_SKIP_LINUX is set");
-        return None;
-    }
-    panic!(
-        "build/guest/bzImage or initramfs.cpio is missing: run scripts/build-guest.sh (CI does)"
-    );
-}
-
 #[test]
 fn linux_guest_gets_dhcp_address_over_bridge() {
     if !e2e::kvm_available() {
         return;
     }
-    let Some(dir) = guest_dir() else { return };
+    let Some(dir) = e2e::guest_dir() else { return };
     if !is_root() || !std::path::Path::new("/dev/net/tun").exists() {
         eprintln!("SKIP: needs root and /dev/net/tun");
         return;

@@ -5,29 +5,14 @@
 //! nested PVM hosts user space cannot run (its first syscall faults), which
 //! the test asserts instead.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use e2e::bin;
 
-fn guest_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/guest");
-    if dir.join("bzImage").exists() && dir.join("initramfs.cpio").exists() {
-        return Some(dir);
-    }
-    if std::env::var_os("VTOOLS_SKIP_LINUX").is_some() {
-        eprintln!("SKIP: build/guest is missing and VTOOLS_SKIP_LINUX is set");
-        return None;
-    }
-    panic!(
-        "build/guest/bzImage or initramfs.cpio is missing: run scripts/build-guest.sh (CI does)"
-    );
-}
-
 #[test]
 fn linux_guest_boots_to_init_with_two_cpus() {
-    let Some(dir) = guest_dir() else { return };
+    let Some(dir) = e2e::guest_dir() else { return };
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("serial.log");
