@@ -10,6 +10,7 @@ pub mod host;
 pub mod hostcheck;
 pub mod image;
 pub mod monitor;
+pub mod net;
 pub mod qemuopts;
 pub mod units;
 pub mod vm;

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use vcore::devices::virtio::net::{default_mac, parse_mac, NetSpec, Tap};
+use vcore::devices::virtio::net::NetSpec;
+use vcore::net::{default_mac, parse_mac, Tap};
 
 /// Where a NIC's frames go.
 #[derive(Debug, Clone, PartialEq, Eq)]

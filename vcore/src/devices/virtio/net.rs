@@ -1,20 +1,14 @@
-//! virtio-net (virtio 1.x §5.1) over a Linux tap device: one RX and one TX
-//! queue, the 12-byte `virtio_net_hdr_v1`, a MAC address and a link-up
-//! status. The tap is opened with `IFF_VNET_HDR` and a 12-byte header, so
-//! the header passes between guest and kernel unchanged; no offloads are
-//! offered, so the header is always "no checksum, no GSO".
-//!
-//! Bridge mode attaches the tap to an existing bridge and brings it up with
-//! the `SIOCBRADDIF` / `SIOCSIFFLAGS` ioctls (what `brctl` uses), which need
-//! no netlink message building; `ip` is never run.
+//! virtio-net (virtio 1.x §5.1) over a host backend ([`crate::net`]): one
+//! RX and one TX queue, the 12-byte `virtio_net_hdr_v1`, a MAC address and a
+//! link-up status. No offloads are offered, so the header is always "no
+//! checksum, no GSO".
 
-use std::ffi::CString;
-use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
+
+use crate::net::{Backend, HDR_LEN};
 
 use super::{gather, scatter, Chain, Malformed, QueueHandler, VirtioDevice, F_VERSION_1};
 
@@ -24,269 +18,11 @@ pub const F_MAC: u64 = 1 << 5;
 pub const F_STATUS: u64 = 1 << 16;
 /// `VIRTIO_NET_S_LINK_UP`.
 pub const S_LINK_UP: u16 = 1;
-/// Length of `virtio_net_hdr_v1` (VERSION_1 always has `num_buffers`).
-pub const HDR_LEN: usize = 12;
 const QUEUE_SIZE: u16 = 256;
-/// Largest frame read from the tap: header + 64 KiB.
+/// Largest frame read from the backend: header + 64 KiB.
 const MAX_PACKET: usize = HDR_LEN + 65536;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
-
-/// QEMU's first default MAC address; the n-th NIC gets `...:56 + n`.
-pub fn default_mac(index: usize) -> [u8; 6] {
-    [
-        0x52,
-        0x54,
-        0x00,
-        0x12,
-        0x34,
-        0x56u8.wrapping_add(index as u8),
-    ]
-}
-
-/// Parse `52:54:00:12:34:56` (also with `-`): six hex bytes, unicast.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split([':', '-']).collect();
-    if parts.len() != 6 {
-        return Err(format!(
-            "'{s}' is not a MAC address (six hex bytes like 52:54:00:12:34:56)"
-        ));
-    }
-    let mut m = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.is_empty() || p.len() > 2 {
-            return Err(format!(
-                "'{s}' is not a MAC address (six hex bytes like 52:54:00:12:34:56)"
-            ));
-        }
-        m[i] = u8::from_str_radix(p, 16)
-            .map_err(|_| format!("'{s}' is not a MAC address (bad byte '{p}')"))?;
-    }
-    if m[0] & 1 != 0 {
-        return Err(format!(
-            "'{s}' is a multicast MAC address; a NIC needs a unicast one"
-        ));
-    }
-    Ok(m)
-}
-
-/// Format a MAC address like QEMU.
-pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const SIOCBRADDIF: libc::c_ulong = 0x89a2;
-
-/// `struct ifreq` with the union as flags / ifindex.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    data: [u8; 24],
-}
-
-impl IfReq {
-    fn new(name: &str) -> Result<IfReq, String> {
-        if name.len() >= libc::IFNAMSIZ || name.contains('\0') || name.contains('/') {
-            return Err(format!(
-                "'{name}' is not a valid interface name (at most 15 bytes, no '/')"
-            ));
-        }
-        let mut r = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            data: [0; 24],
-        };
-        r.name[..name.len()].copy_from_slice(name.as_bytes());
-        Ok(r)
-    }
-    fn name(&self) -> String {
-        let end = self
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.name.len());
-        String::from_utf8_lossy(&self.name[..end]).into_owned()
-    }
-    fn set_short(&mut self, v: libc::c_short) {
-        self.data[..2].copy_from_slice(&v.to_ne_bytes());
-    }
-    fn short(&self) -> libc::c_short {
-        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
-    }
-    fn set_int(&mut self, v: libc::c_int) {
-        self.data[..4].copy_from_slice(&v.to_ne_bytes());
-    }
-}
-
-/// A tap device: a nonblocking fd carrying frames with a 12-byte
-/// virtio-net header.
-pub struct Tap {
-    fd: OwnedFd,
-    name: String,
-}
-
-fn ioctl_err(what: &str, name: &str) -> String {
-    let e = std::io::Error::last_os_error();
-    let hint = match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => " (needs root or CAP_NET_ADMIN)",
-        Some(libc::EBUSY) => " (the interface is in use by another process)",
-        _ => "",
-    };
-    format!("{what} {name}: {e}{hint}")
-}
-
-impl Tap {
-    /// Open (or create) the tap `ifname` ("" lets the kernel pick tapN).
-    pub fn open(ifname: &str) -> Result<Tap, String> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "/dev/net/tun is missing: load the tun module (modprobe tun) or create the \
-                     node (mknod /dev/net/tun c 10 200)"
-                        .to_string()
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    format!("cannot open /dev/net/tun: {e} (needs root or CAP_NET_ADMIN)")
-                }
-                _ => format!("cannot open /dev/net/tun: {e}"),
-            })?;
-        let mut req = IfReq::new(ifname)?;
-        req.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req`
-        // is laid out as; the fd is open.
-        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
-            let shown = if ifname.is_empty() { "tap" } else { ifname };
-            return Err(ioctl_err("cannot create tap device", shown));
-        }
-        let name = req.name();
-        let sz: libc::c_int = HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer.
-        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETVNETHDRSZ as _, &sz) } < 0 {
-            return Err(ioctl_err("cannot set the virtio-net header size of", &name));
-        }
-        Ok(Tap { fd: f.into(), name })
-    }
-
-    /// The interface name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Bring the interface up.
-    pub fn up(&self) -> Result<(), String> {
-        let s = ctl_socket()?;
-        let mut req = IfReq::new(&self.name)?;
-        // SAFETY: SIOCGIFFLAGS fills the flags of a `struct ifreq`.
-        if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
-            return Err(ioctl_err("cannot read the flags of", &self.name));
-        }
-        req.set_short(req.short() | libc::IFF_UP as libc::c_short);
-        // SAFETY: SIOCSIFFLAGS reads a `struct ifreq`.
-        if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
-            return Err(ioctl_err("cannot bring up", &self.name));
-        }
-        Ok(())
-    }
-
-    /// Attach the tap to bridge `br` (which must exist).
-    pub fn attach_to_bridge(&self, br: &str) -> Result<(), String> {
-        let mut breq = IfReq::new(br)?;
-        let cname = CString::new(br).map_err(|_| format!("bad bridge name '{br}'"))?;
-        // SAFETY: a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
-            return Err(format!(
-                "bridge '{br}' does not exist (create it with: ip link add {br} type bridge)"
-            ));
-        }
-        if !std::path::Path::new("/sys/class/net")
-            .join(br)
-            .join("bridge")
-            .exists()
-        {
-            return Err(format!("'{br}' is not a bridge"));
-        }
-        let tname = CString::new(self.name.as_str()).map_err(|_| "bad tap name".to_string())?;
-        // SAFETY: a valid NUL-terminated string.
-        let idx = unsafe { libc::if_nametoindex(tname.as_ptr()) };
-        if idx == 0 {
-            return Err(format!("tap {} vanished", self.name));
-        }
-        breq.set_int(idx as libc::c_int);
-        let s = ctl_socket()?;
-        // SAFETY: SIOCBRADDIF reads a `struct ifreq` naming the bridge and
-        // holding the port's ifindex.
-        if unsafe { libc::ioctl(s.as_raw_fd(), SIOCBRADDIF as _, &breq) } < 0 {
-            return Err(ioctl_err(
-                &format!("cannot add {} to bridge", self.name),
-                br,
-            ));
-        }
-        Ok(())
-    }
-
-    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        // SAFETY: `buf` is writable for its length.
-        let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
-    }
-
-    fn write(&self, buf: &[u8]) -> std::io::Result<usize> {
-        // SAFETY: `buf` is readable for its length.
-        let r = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
-    }
-}
-
-fn ctl_socket() -> Result<OwnedFd, String> {
-    // SAFETY: plain socket(2) call.
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `s` is a new fd owned by nobody else.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) })
-}
-
-/// Where a NIC's frames go.
-pub trait Backend: Send + Sync {
-    /// Read one frame (with its header); `WouldBlock` when none waits.
-    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize>;
-    /// Send one frame (with its header).
-    fn send(&self, buf: &[u8]) -> std::io::Result<usize>;
-    /// An fd that polls readable when a frame waits.
-    fn fd(&self) -> Option<RawFd>;
-}
-
-impl Backend for Tap {
-    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.read(buf)
-    }
-    fn send(&self, buf: &[u8]) -> std::io::Result<usize> {
-        self.write(buf)
-    }
-    fn fd(&self) -> Option<RawFd> {
-        Some(self.fd.as_raw_fd())
-    }
-}
 
 /// A NIC to attach.
 #[derive(Clone)]
@@ -486,26 +222,6 @@ mod tests {
         let m = Arc::new(Mock::default());
         let h = NetHandler::new(m.clone());
         (mem, m, h)
-    }
-
-    #[test]
-    fn mac_parsing() {
-        assert_eq!(
-            parse_mac("52:54:00:12:34:99").unwrap(),
-            [0x52, 0x54, 0, 0x12, 0x34, 0x99]
-        );
-        assert_eq!(parse_mac("02-00-00-00-00-0A").unwrap()[5], 10);
-        for bad in [
-            "",
-            "52:54:00:12:34",
-            "52:54:00:12:34:5g",
-            "525:4:00:12:34:56",
-            "01:00:5e:00:00:01",
-        ] {
-            assert!(parse_mac(bad).is_err(), "{bad}");
-        }
-        assert_eq!(format_mac(&default_mac(0)), "52:54:00:12:34:56");
-        assert_eq!(format_mac(&default_mac(1)), "52:54:00:12:34:57");
     }
 
     #[test]
