@@ -32,6 +32,10 @@ Examples:
   vmrun -m 256m -kernel bzImage -append 'console=ttyS0 ip=dhcp' -nographic \\
         -netdev bridge,id=n0,br=br0 -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:99
 
+  # User-mode networking through passt (no root), host port 2222 to guest ssh:
+  vmrun -m 256m -kernel bzImage -append 'console=ttyS0 ip=dhcp' -nographic \\
+        -nic user,hostfwd=tcp::2222-:22
+
   # What can this host do?
   vmrun --check-host
 
@@ -176,12 +180,14 @@ pub struct Cli {
     /// virtio-net-pci,netdev=ID[,mac=MAC]
     #[arg(long, value_name = "DRIVER[,prop=value...]")]
     pub device: Vec<String>,
-    /// A network backend: tap,id=ID[,ifname=NAME][,script=no][,downscript=no][,vhost=off] or
-    /// bridge,id=ID,br=BRIDGE (see docs/vmrun.md, Networking)
-    #[arg(long, value_name = "tap|bridge,id=ID[,...]")]
+    /// A network backend: tap,id=ID[,ifname=NAME][,script=PATH|no][,downscript=PATH|no],
+    /// bridge,id=ID,br=BRIDGE, user,id=ID[,hostfwd=tcp::HOSTPORT-:GUESTPORT] (passt), or
+    /// stream,id=ID,addr.type=unix,addr.path=SOCKET (see docs/networking.md)
+    #[arg(long, value_name = "tap|bridge|user|stream,id=ID[,...]")]
     pub netdev: Vec<String>,
-    /// A NIC and its backend in one: tap[,ifname=NAME][,mac=MAC] or bridge,br=BRIDGE[,mac=MAC]
-    #[arg(long, value_name = "tap|bridge[,...]")]
+    /// A NIC and its backend in one: tap[,ifname=NAME], bridge,br=BRIDGE or user[,hostfwd=...],
+    /// each with [,mac=MAC]
+    #[arg(long, value_name = "tap|bridge|user[,...]")]
     pub nic: Vec<String>,
     /// Disk image (raw or qcow2) to boot from when no -kernel is given
     #[arg(value_name = "IMAGE")]

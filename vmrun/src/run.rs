@@ -481,10 +481,12 @@ fn run(cli: Cli, daemon: &mut Option<Daemon>) -> Result<i32, Failure> {
             crate::drive::DriveError::Usage(m) => Failure::Usage(m),
             crate::drive::DriveError::Open(m) => Failure::Runtime(anyhow!(m)),
         })?;
-    let nets = crate::net::open(&nics).map_err(|e| Failure::Runtime(anyhow!(e)))?;
     if cli.daemonize {
         *daemon = Some(Daemon::start()?);
     }
+    // After the fork: passt must be the daemon's child. Errors still reach
+    // the terminal through the daemon's pipe.
+    let (nets, _net_guard) = crate::net::open(&nics).map_err(|e| Failure::Runtime(anyhow!(e)))?;
     let _pidfile = cli.pidfile.as_deref().map(PidFile::create).transpose()?;
 
     let serial_slot: console::SerialSlot = Arc::new(Mutex::new(None));

@@ -1,11 +1,15 @@
 //! Host-side network backends for virtio-net: where a NIC's frames go.
 //!
 //! - [`tap`]: a Linux tap device, alone or attached to a bridge.
+//! - [`stream`]: QEMU's stream protocol over a unix socket.
+//! - [`passt`]: user-mode networking through a passt child process.
 //!
 //! Every backend moves whole frames each preceded by the 12-byte
 //! `virtio_net_hdr_v1`, the layout the device model uses.
 
 pub mod mac;
+pub mod passt;
+pub mod stream;
 pub mod tap;
 
 use std::os::fd::RawFd;

@@ -350,7 +350,15 @@ pub(crate) fn io_loop(
             }
         }
         if let Some((_, q)) = extra {
-            if fds[stop_idx + 1].revents != 0 {
+            let rev = fds[stop_idx + 1].revents;
+            if rev & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                // The backend hung up (passt exited): stop polling it, or
+                // poll would return at once forever. What it sent before
+                // is still delivered as RX buffers come.
+                eprintln!("vmrun: {name}: the network backend closed its end");
+                fds[stop_idx + 1].fd = -1;
+            }
+            if rev != 0 {
                 if let Some(k) = queues.iter().position(|(qi, _)| *qi == q) {
                     ready[k] = true;
                 }
