@@ -3,7 +3,7 @@
 # Idempotent: a second run only checks. Run as root (or with sudo).
 set -euo pipefail
 pkgs=(linux-source-6.1 busybox-static bc flex bison libelf-dev cpio xz-utils gcc make
-      binutils e2fsprogs util-linux fdisk dosfstools mtools procps iproute2 qemu-system-x86 python3 dnsmasq-base)
+      binutils e2fsprogs util-linux fdisk dosfstools mtools procps iproute2 qemu-system-x86 python3 dnsmasq-base passt nftables tcpdump)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
