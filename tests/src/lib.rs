@@ -74,3 +74,9 @@ pub fn guest_dir() -> Option<std::path::PathBuf> {
         "build/guest/bzImage or initramfs.cpio is missing: run scripts/build-guest.sh (CI does)"
     );
 }
+
+/// The last `n` lines of `text` (for failure messages about guest logs).
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -50,15 +50,7 @@ fn linux_guest_boots_to_init_with_two_cpus() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let log = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!("boot took {elapsed:.1?}; stderr:\n{stderr}");
-    let tail: String = log
-        .lines()
-        .rev()
-        .take(40)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let tail = e2e::tail_lines(&log, 40);
     assert_eq!(
         out.status.code(),
         Some(0),
