@@ -2,7 +2,9 @@
 # vmrun-nat.sh: a NAT network for vmrun guests, the shape of libvirt's
 # "default" network: a bridge with a private subnet, dnsmasq handing out
 # addresses (DHCP) and answering DNS, and an nftables masquerade rule so the
-# guests reach the outside through the host's address.
+# guests reach the outside through the host's address. Guests on the bridge
+# reach each other (also where br_netfilter passes bridged frames through
+# nftables); connections from outside into the subnet are dropped.
 #
 # Usage (as root):
 #   vmrun-nat.sh up   [-b BRIDGE] [-a ADDR/PREFIX] [-r FIRST,LAST] [-H MAC,IP]... [-o OUTIF]
@@ -29,6 +31,7 @@ set -euo pipefail
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift
+case $cmd in -h | --help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 br=vmrun0
 addr=192.168.150.1/24
 range=
@@ -41,7 +44,7 @@ while getopts "b:a:r:H:o:h" o; do
         r) range=$OPTARG ;;
         H) hosts+=("$OPTARG") ;;
         o) outif=$OPTARG ;;
-        h) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        h) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vmrun-nat.sh: see -h" >&2; exit 2 ;;
     esac
 done
@@ -96,6 +99,7 @@ table ip $table {
     }
     chain forward {
         type filter hook forward priority filter; policy accept;
+        iifname "$br" oifname "$br" accept
         iifname "$br" ip saddr $subnet accept
         oifname "$br" ip daddr $subnet ct state established,related accept
         oifname "$br" drop
