@@ -202,6 +202,36 @@ fn bridge_that_does_not_exist_is_named() {
     assert!(err.contains("bridge 'nosuchbr0' does not exist"), "{err}");
 }
 
+#[test]
+fn tap_without_privileges_says_what_is_needed() {
+    if !is_root() || tool(&["setpriv"]).is_none() {
+        eprintln!("SKIP: needs root and setpriv to run vmrun as nobody");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin("vmrun"))
+        .args([
+            "-kernel",
+            "/nonexistent",
+            "-netdev",
+            "tap,id=n0,script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Permission denied") && err.contains(&bin("vmrun").display().to_string()) {
+        eprintln!("SKIP: nobody cannot execute {}", bin("vmrun").display());
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("netdev n0: "), "{err}");
+    assert!(err.contains("(needs root or CAP_NET_ADMIN)"), "{err}");
+}
+
 /// A UDP (and optional HTTP) listener run by python3: writes one line per
 /// datagram, `PORT SRCIP TEXT`, to `log`.
 fn listener(ns: &mut Netns, addr: &str, ports: &[u16], log: &Path, http_dir: Option<&Path>) {
