@@ -213,8 +213,14 @@ impl Passt {
                 if own_log {
                     let _ = std::fs::remove_file(&log);
                 }
+                let hint = if msg.contains("External interface not usable") {
+                    " (passt needs a host interface with a default route, and this host or \
+                     network namespace has none)"
+                } else {
+                    ""
+                };
                 return Err(format!(
-                    "passt exited at start ({st}){}",
+                    "passt exited at start ({st}){}{hint}",
                     if msg.is_empty() {
                         String::new()
                     } else {
