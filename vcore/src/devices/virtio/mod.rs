@@ -519,8 +519,24 @@ pub fn serve(
         if let Some(m) = failed {
             break Err(m);
         }
+        if idle && short.is_none() {
+            // Nothing to put in the buffers (no frame waits): they stay
+            // available, and while some are the device needs no kick; the
+            // backend's fd wakes it. Ask for a kick only when the ring is
+            // empty, as QEMU does for virtio-net RX: a guest reposting
+            // buffers then costs no VM exits.
+            match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                Ok(i) if i.0 != q.next_avail() => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(Malformed(format!("available ring: {e}"))),
+            }
+            if let Err(e) = q.enable_notification(mem) {
+                break Err(Malformed(format!("used ring not accessible: {e}")));
+            }
+            break Ok(());
+        }
         if idle {
-            // Nothing to put in the buffers: leave them for later.
+            // Too few buffers for the waiting request: leave them for later.
             if let Err(e) = q.enable_notification(mem) {
                 break Err(Malformed(format!("used ring not accessible: {e}")));
             }
