@@ -50,7 +50,7 @@ ns=vtnetbench$$
 ip netns add "$ns"
 gen=""
 cleanup() {
-    [ -n "$gen" ] && kill "$gen" 2>/dev/null && wait "$gen" 2>/dev/null
+    [ -n "$gen" ] && kill -- "-$gen" 2>/dev/null && wait "$gen" 2>/dev/null
     ip netns del "$ns"
 }
 trap cleanup EXIT
@@ -102,14 +102,19 @@ run_qemu() {
         -netdev tap,id=n0,ifname=gbt0,script=no,downscript=no,vhost=off \
         -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile=
 }
-best_of() { # VMM CMDLINE -> lowest seconds
-    local b="" s
+# Interleaved runs (vmrun, QEMU, vmrun, ...) so both see the same host
+# load; the lowest time of each. Sets sv and sq.
+compare() { # CMDLINE
+    local s
+    sv=""; sq=""
     for _ in $(seq "$runs"); do
-        s=$(timed "run_$1" "$2")
-        [ -z "$s" ] && { echo "bench/net.sh: $1 \"$2\" gave no timing" >&2; continue; }
-        if [ -z "$b" ] || awk "BEGIN{exit !($s < $b)}"; then b=$s; fi
+        s=$(timed run_vmrun "$1")
+        [ -z "$s" ] && echo "bench/net.sh: vmrun \"$1\" gave no timing" >&2
+        if [ -n "$s" ] && { [ -z "$sv" ] || awk "BEGIN{exit !($s < $sv)}"; }; then sv=$s; fi
+        s=$(timed run_qemu "$1")
+        [ -z "$s" ] && echo "bench/net.sh: qemu \"$1\" gave no timing" >&2
+        if [ -n "$s" ] && { [ -z "$sq" ] || awk "BEGIN{exit !($s < $sq)}"; }; then sq=$s; fi
     done
-    echo "$b"
 }
 printf '%-4s %6s %10s %14s %14s %7s\n' dir size frames vmrun_fps qemu_fps ratio
 for m in "t 64" "t 1514" "r 64" "r 1514"; do
@@ -118,12 +123,12 @@ for m in "t 64" "t 1514" "r 64" "r 1514"; do
         cmd="t $2 $gcount"
     else
         cmd="r $gcount"
-        ip netns exec "$ns" "$nb" gen -i gbt0 -s "$2" -c 0 &
+        # Its own process group: `ip netns exec` forks, so kill the group.
+        setsid ip netns exec "$ns" "$nb" gen -i gbt0 -s "$2" -c 0 2>/dev/null &
         gen=$!
     fi
-    sv=$(best_of vmrun "$cmd")
-    sq=$(best_of qemu "$cmd")
-    if [ -n "$gen" ]; then kill "$gen"; wait "$gen" 2>/dev/null || true; gen=""; fi
+    compare "$cmd"
+    if [ -n "$gen" ]; then kill -- "-$gen"; wait "$gen" 2>/dev/null || true; gen=""; fi
     awk -v d="$1" -v z="$2" -v n="$gcount" -v a="${sv:-0}" -v b="${sq:-0}" 'BEGIN{
         fv = a > 0 ? n / a : 0; fq = b > 0 ? n / b : 0
         printf "%-4s %6s %10d %14.0f %14.0f %7s\n", (d == "t" ? "tx" : "rx"), z, n, fv, fq,

@@ -9,6 +9,7 @@
  *   "r COUNT": keeps 256 2 KiB RX buffers posted, prints "go" at the first
  *       frame, reposts buffers as they are used, and counts COUNT frames.
  * Prints "go" when the timed part starts and "done" when it ends, then
+ * the number of ring updates it made ("batches=0x..", in hex), then
  * exits 100 (vmrun's status; QEMU's isa-debug-exit makes it 201). Polls
  * (no interrupts). Needs 64 MiB of RAM. */
         .include "common.S"
@@ -103,6 +104,7 @@ rxloop: movzwl RXUSED+2, %eax
         inc %edi
         cmp %bp, %ax
         jne 3b
+        incl batches
         mov rxavail, %ecx
         movw %cx, RXAVAIL+2
         mfence
@@ -167,6 +169,7 @@ txloop: /* reclaim */
         movw %ax, TXAVAIL+4(,%eax,2)
         inc %edi
         loop 2b
+        incl batches
         movw %di, TXAVAIL+2
         mfence
         testw $1, TXUSED
@@ -177,6 +180,12 @@ txloop: /* reclaim */
 
 finish: mov $m_done, %esi
         call puts
+        mov $m_batches, %esi            /* ring updates: frames per batch */
+        call puts
+        mov batches, %eax
+        call puthex
+        mov $'\n', %al
+        call putc
         mov $100, %al
         call exit
 
@@ -364,6 +373,7 @@ kick:   push %edx
 m_ready: .asciz "ready\n"
 m_go:    .asciz "go\n"
 m_done:  .asciz "done\n"
+m_batches: .asciz "batches=0x"
 m_fail:  .asciz "FAILED check "
         .data
 mode:      .long 0
@@ -377,5 +387,6 @@ qsize:     .long 0
 qmask:     .long 0
 rxavail:   .long 0
 started:   .long 0
+batches:   .long 0
 qnotify:   .long 0, 0
 baroff:    .long 0

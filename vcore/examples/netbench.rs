@@ -334,6 +334,13 @@ fn generate(a: &Args) -> Result<(), String> {
         let r = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         if r > 0 {
             n += 1;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => {}
+            // The interface went away (or down): the benchmark is over.
+            _ => return Err(format!("send on {}: {e}", a.ifname)),
         }
     }
     Ok(())
