@@ -508,6 +508,29 @@ mod tests {
     }
 
     #[test]
+    fn rx_asks_for_kicks_only_when_the_ring_is_empty() {
+        let mut t = setup(F_VERSION_1 | F_MRG_RXBUF);
+        assert!(t.ring.kick_wanted(&t.mem), "a new queue wants kicks");
+        let h0 = t.post(BUFS, 1536);
+        t.serve(RXQ).unwrap();
+        assert!(
+            !t.ring.kick_wanted(&t.mem),
+            "no frame but a buffer: the tap wakes the device, no kicks"
+        );
+        t.m.rx.lock().unwrap().push(frame([0, 0], 100));
+        t.serve(RXQ).unwrap();
+        assert_eq!(t.ring.used(&t.mem), Some((h0, 100)));
+        assert!(t.ring.kick_wanted(&t.mem), "ring empty: kick when refilled");
+        // A frame waiting for buffers also wants the kick.
+        t.m.rx.lock().unwrap().push(frame([0, 0], 100));
+        t.serve(RXQ).unwrap();
+        assert!(t.ring.kick_wanted(&t.mem));
+        let h1 = t.post(BUFS, 1536);
+        t.serve(RXQ).unwrap();
+        assert_eq!(t.ring.used(&t.mem), Some((h1, 100)));
+    }
+
+    #[test]
     fn rx_without_mrg_drops_a_frame_too_big_and_keeps_the_chain() {
         let mut t = setup(F_VERSION_1);
         let head = t.post(BUFS, 1526);

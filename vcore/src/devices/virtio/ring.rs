@@ -160,6 +160,13 @@ impl DriverRing {
         Some((head, len))
     }
 
+    /// Whether the device wants a kick for new chains
+    /// (`VRING_USED_F_NO_NOTIFY` clear).
+    pub fn kick_wanted(&self, mem: &GuestMemoryMmap) -> bool {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.read16(mem, self.used) & 1 == 0
+    }
+
     fn read16(&self, mem: &GuestMemoryMmap, a: u64) -> u16 {
         let mut b = [0u8; 2];
         let _ = mem.read_slice(&mut b, GuestAddress(a));
