@@ -3,7 +3,8 @@
 //! whose tap lives in a network namespace of the test's own; the test sits
 //! on the tap's host side with a packet socket, sends the frames the guest
 //! asks for and catches the one it transmits. Checks mergeable RX buffers,
-//! TX, the offered offloads, and DEVICE_NEEDS_RESET for a TX chain past RAM
+//! TX, the offered offloads and the tap's offloads following what the guest
+//! took (TUNSETOFFLOAD), and DEVICE_NEEDS_RESET for a TX chain past RAM
 //! and an RX buffer shorter than the header, with the VMM running on and the
 //! device working again after a reset.
 
@@ -116,6 +117,37 @@ fn packet_socket(ifname: &str) -> OwnedFd {
     };
     fd
 }
+
+/// An ethtool "get" value of an interface (`ETHTOOL_GTXCSUM`, ...), read
+/// with the SIOCETHTOOL ioctl (no ethtool binary needed).
+fn ethtool_get(ifname: &str, cmd: u32) -> u32 {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut u32,
+        _pad: [u8; 16],
+    }
+    let mut val = [cmd, 0u32];
+    let mut r = IfReq {
+        name: [0; 16],
+        data: val.as_mut_ptr(),
+        _pad: [0; 16],
+    };
+    r.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+    // SAFETY: plain socket(2).
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(s >= 0);
+    // SAFETY: `s` is a new fd owned by nobody else.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: SIOCETHTOOL reads the ifreq and reads/writes the
+    // ethtool_value it points to, which outlives the call.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), 0x8946, &mut r) };
+    assert_eq!(rc, 0, "SIOCETHTOOL: {}", std::io::Error::last_os_error());
+    val[1]
+}
+
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_GTSO: u32 = 0x1e;
 
 /// The 600-byte test frame: broadcast, ethertype 0x88b5, byte j = 7*j.
 fn test_frame() -> Vec<u8> {
@@ -233,6 +265,7 @@ fn tiny_guest_drives_virtio_net_through_a_tap_and_survives_bad_buffers() {
     let mut out = String::new();
     let mut sock: Option<OwnedFd> = None;
     let mut got = Vec::new();
+    let mut offloads = None;
     let deadline = Instant::now() + Duration::from_secs(120);
     let frame = test_frame();
     loop {
@@ -249,6 +282,14 @@ fn tiny_guest_drives_virtio_net_through_a_tap_and_survives_bad_buffers() {
         out.push('\n');
         if let Some(s) = &sock {
             got.extend(received(s));
+        }
+        if l == "rx posted" {
+            // The guest took CSUM and GUEST_CSUM, no TSO: the tap's
+            // offloads (TUNSETOFFLOAD) follow.
+            offloads = Some((
+                ethtool_get("vtt0", ETHTOOL_GTXCSUM),
+                ethtool_get("vtt0", ETHTOOL_GTSO),
+            ));
         }
         if matches!(
             l.as_str(),
@@ -284,6 +325,11 @@ fn tiny_guest_drives_virtio_net_through_a_tap_and_survives_bad_buffers() {
     let want = 1 | 2 | (1 << 5) | (0x7 << 7) | (0x7 << 11) | (1 << 15) | (1 << 16);
     assert_eq!(lo & want, want, "offered {lo:#x}: {ctx}");
     assert_eq!(hi & 1, 1, "VERSION_1: {ctx}");
+    assert_eq!(
+        offloads,
+        Some((1, 0)),
+        "tap (tx-checksumming, TSO) while the guest ran: {ctx}"
+    );
     // Both faults reported once each, and the VMM went on.
     assert_eq!(
         err.matches("io-net0: malformed request on queue 1").count(),
