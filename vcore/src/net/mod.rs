@@ -28,4 +28,33 @@ pub trait Backend: Send + Sync {
     fn send(&self, buf: &[u8]) -> std::io::Result<usize>;
     /// An fd that polls readable when a frame waits.
     fn fd(&self) -> Option<RawFd>;
+    /// Whether the backend carries checksum and segmentation offloads in
+    /// the header (a tap with `IFF_VNET_HDR`): frames it takes may need a
+    /// checksum or segmentation (`VIRTIO_NET_HDR_F_NEEDS_CSUM`, a GSO
+    /// type), and after [`Backend::set_offloads`] frames it gives may too.
+    /// When false (a backend of plain Ethernet frames) the device offers no
+    /// offload features and every header is "no checksum, no GSO".
+    fn offloads(&self) -> bool {
+        false
+    }
+    /// Which offloads the guest accepts in frames it receives (what
+    /// `TUNSETOFFLOAD` sets on a tap); called when the driver starts the
+    /// device. Only called when [`Backend::offloads`] is true.
+    fn set_offloads(&self, _o: Offloads) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Offloads a guest accepts in received frames: partial checksums and
+/// TCP segmentation (the `VIRTIO_NET_F_GUEST_*` features it acked).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// `GUEST_CSUM`: frames may carry a partial checksum.
+    pub csum: bool,
+    /// `GUEST_TSO4`: TCP over IPv4 frames up to 64 KiB.
+    pub tso4: bool,
+    /// `GUEST_TSO6`: TCP over IPv6 frames up to 64 KiB.
+    pub tso6: bool,
+    /// `GUEST_ECN`: segmentation of frames with the ECN CWR bit.
+    pub ecn: bool,
 }

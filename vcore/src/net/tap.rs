@@ -1,6 +1,7 @@
 //! Linux tap devices: created with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and
 //! a 12-byte virtio-net header, so the header passes between guest and
-//! kernel unchanged.
+//! kernel unchanged: checksum and segmentation offloads go through, and
+//! `TUNSETOFFLOAD` tells the kernel which ones the guest takes on receive.
 //!
 //! Bridge mode attaches the tap to an existing bridge and brings it up with
 //! the `SIOCBRADDIF` / `SIOCSIFFLAGS` ioctls (what `brctl` uses), which need
@@ -11,7 +12,7 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::{Backend, HDR_LEN};
+use super::{Backend, Offloads, HDR_LEN};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
@@ -19,6 +20,11 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 
 /// `struct ifreq` with the union as flags / ifindex.
 #[repr(C)]
@@ -210,5 +216,110 @@ impl Backend for Tap {
     }
     fn fd(&self) -> Option<RawFd> {
         Some(self.fd.as_raw_fd())
+    }
+    fn offloads(&self) -> bool {
+        true
+    }
+    fn set_offloads(&self, o: Offloads) -> std::io::Result<()> {
+        let flags = tun_offload_flags(o);
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is open.
+        if unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                flags as libc::c_ulong,
+            )
+        } < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The `TUN_F_*` flags for what a guest accepts, as QEMU sets them: no
+/// segmentation without checksum offload (the kernel needs both), ECN only
+/// with a TSO.
+fn tun_offload_flags(o: Offloads) -> libc::c_uint {
+    let mut f = 0;
+    if o.csum {
+        f |= TUN_F_CSUM;
+        if o.tso4 {
+            f |= TUN_F_TSO4;
+        }
+        if o.tso6 {
+            f |= TUN_F_TSO6;
+        }
+        if o.ecn && (o.tso4 || o.tso6) {
+            f |= TUN_F_TSO_ECN;
+        }
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offload_flags_follow_the_guest() {
+        let all = Offloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            ecn: true,
+        };
+        assert_eq!(tun_offload_flags(all), 0xf);
+        assert_eq!(tun_offload_flags(Offloads::default()), 0);
+        assert_eq!(
+            tun_offload_flags(Offloads { csum: false, ..all }),
+            0,
+            "TSO needs checksum offload"
+        );
+        assert_eq!(
+            tun_offload_flags(Offloads {
+                tso4: false,
+                tso6: false,
+                ..all
+            }),
+            TUN_F_CSUM
+        );
+        assert_eq!(
+            tun_offload_flags(Offloads {
+                tso6: false,
+                ecn: false,
+                ..all
+            }),
+            TUN_F_CSUM | TUN_F_TSO4
+        );
+    }
+
+    #[test]
+    fn tap_takes_offload_flags() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("SKIP: needs root and /dev/net/tun");
+            return;
+        }
+        // In a network namespace of this thread's own, gone with it.
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) moves only the calling thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("SKIP: unshare(CLONE_NEWNET) failed");
+                return;
+            }
+            let t = Tap::open("").expect("tap");
+            t.set_offloads(Offloads {
+                csum: true,
+                tso4: true,
+                tso6: true,
+                ecn: true,
+            })
+            .expect("TUNSETOFFLOAD");
+            t.set_offloads(Offloads::default())
+                .expect("TUNSETOFFLOAD 0");
+        })
+        .join()
+        .unwrap();
     }
 }

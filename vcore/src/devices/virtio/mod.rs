@@ -1,5 +1,5 @@
 //! virtio devices on the modern virtio-pci transport ([`pci`]): a block
-//! device ([`blk`]) and an entropy source ([`rng`]).
+//! device ([`blk`]), an entropy source ([`rng`]) and a NIC ([`net`]).
 //!
 //! Each device runs its queues on an I/O thread of its own, named
 //! `io-<id>` (`io-blk0`, `io-rng0`), woken by KVM ioeventfds on the
@@ -10,10 +10,17 @@
 //! byte) puts the device in the DEVICE_NEEDS_RESET state: it stops serving
 //! its queues, raises a configuration interrupt and logs the fault once.
 //! The VMM keeps running; a driver reset revives the device.
+//!
+//! A request normally fills one chain ([`QueueHandler::handle`]); a queue
+//! whose requests may fill several (virtio-net RX with mergeable buffers)
+//! takes chains one by one from an [`Avail`] ([`QueueHandler::handle_many`])
+//! and may put them back when there are too few. [`ring`] is the driver's
+//! side of a queue, for tests and harnesses.
 
 pub mod blk;
 pub mod net;
 pub mod pci;
+pub mod ring;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
@@ -104,6 +111,61 @@ pub trait QueueHandler: Send {
     /// already waits for a buffer).
     fn want_fd(&self) -> bool {
         true
+    }
+    /// Whether a request of queue `queue` may fill several descriptor
+    /// chains (virtio-net RX with `VIRTIO_NET_F_MRG_RXBUF`): such a queue is
+    /// served by [`QueueHandler::handle_many`] instead of
+    /// [`QueueHandler::handle`].
+    fn many(&self, _queue: usize) -> bool {
+        false
+    }
+    /// Handle one request of a [`QueueHandler::many`] queue, taking as many
+    /// chains as it needs from `avail`, in ring order. Returns the bytes
+    /// written into each chain used, in order; chains taken but not listed
+    /// go back to the ring. `Ok(None)`: not enough buffers yet; every chain
+    /// taken goes back and the queue waits for the driver to add more.
+    fn handle_many(
+        &mut self,
+        queue: usize,
+        _mem: &GuestMemoryMmap,
+        _avail: &mut Avail<'_>,
+    ) -> Result<Option<Vec<u32>>, Malformed> {
+        Err(Malformed(format!(
+            "queue {queue} takes one chain per request"
+        )))
+    }
+}
+
+/// The available chains of a queue, for [`QueueHandler::handle_many`].
+pub struct Avail<'a> {
+    q: &'a mut Queue,
+    mem: &'a GuestMemoryMmap,
+    heads: Vec<u16>,
+}
+
+impl Avail<'_> {
+    /// Take the next available chain, checked; `None` when the ring is
+    /// empty.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<Chain>, Malformed> {
+        let chain = match self.q.iter(self.mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => return Err(Malformed(format!("available ring: {e}"))),
+        };
+        let Some(chain) = chain else { return Ok(None) };
+        self.heads.push(chain.head_index());
+        let descs: Vec<Descriptor> = chain.collect();
+        Chain::check(self.mem, &descs).map(Some)
+    }
+
+    /// How many chains the ring holds at most (the queue size).
+    pub fn queue_size(&self) -> u16 {
+        self.q.size()
+    }
+
+    /// How many chains were taken so far.
+    pub fn taken(&self) -> usize {
+        self.heads.len()
     }
 }
 
@@ -311,7 +373,7 @@ pub(crate) fn io_loop(
             if !ready[k] || broken {
                 continue;
             }
-            if let Err(m) = serve(*qi, q, &mem, handler.as_mut(), &irq) {
+            if let Err(m) = serve(*qi, q, &mem, handler.as_mut(), Some(&irq)) {
                 eprintln!(
                     "vmrun: {name}: malformed request on queue {qi}: {}; device marked \
                      DEVICE_NEEDS_RESET until the guest resets it",
@@ -368,13 +430,16 @@ pub(crate) fn io_loop(
     handler.stop();
 }
 
-/// Serve queue `qi` until it is empty; interrupt the guest if it wants.
-fn serve(
+/// Serve queue `qi` until it is empty (or the handler has nothing to put
+/// in its buffers); interrupt the guest through `irq` if it wants. The I/O
+/// thread's loop; public for harnesses that drive a handler without a VM
+/// (`irq` None: no interrupts).
+pub fn serve(
     qi: usize,
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     handler: &mut dyn QueueHandler,
-    irq: &Interrupt,
+    irq: Option<&Interrupt>,
 ) -> Result<(), Malformed> {
     let mut used_any = false;
     let res = loop {
@@ -383,10 +448,56 @@ fn serve(
         }
         let mut failed = None;
         let mut idle = false;
+        // The available index when a multi-chain request found too few
+        // buffers: if it moved before notifications were enabled, retry.
+        let mut short: Option<u16> = None;
         loop {
             if !handler.ready(qi) {
                 idle = true;
                 break;
+            }
+            if handler.many(qi) {
+                let start = q.next_avail();
+                let mut av = Avail {
+                    q: &mut *q,
+                    mem,
+                    heads: Vec::new(),
+                };
+                let r = handler.handle_many(qi, mem, &mut av);
+                let heads = av.heads;
+                match r {
+                    Ok(Some(lens)) if lens.len() <= heads.len() => {
+                        q.set_next_avail(start.wrapping_add(lens.len() as u16));
+                        for (&h, &l) in heads.iter().zip(&lens) {
+                            if let Err(e) = q.add_used(mem, h, l) {
+                                failed = Some(Malformed(format!("used ring: {e}")));
+                                break;
+                            }
+                            used_any = true;
+                        }
+                        if failed.is_some() {
+                            break;
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        failed = Some(Malformed("device used more chains than it took".into()));
+                        break;
+                    }
+                    Ok(None) => {
+                        q.set_next_avail(start);
+                        match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                            Ok(i) => short = Some(i.0),
+                            Err(e) => failed = Some(Malformed(format!("available ring: {e}"))),
+                        }
+                        idle = true;
+                        break;
+                    }
+                    Err(m) => {
+                        failed = Some(m);
+                        break;
+                    }
+                }
+                continue;
             }
             let chain = match q.iter(mem) {
                 Ok(mut it) => it.next(),
@@ -416,10 +527,35 @@ fn serve(
         if let Some(m) = failed {
             break Err(m);
         }
-        if idle {
-            // Nothing to put in the buffers: leave them for later.
+        if idle && short.is_none() {
+            // Nothing to put in the buffers (no frame waits): they stay
+            // available, and while some are the device needs no kick; the
+            // backend's fd wakes it. Ask for a kick only when the ring is
+            // empty, as QEMU does for virtio-net RX: a guest reposting
+            // buffers then costs no VM exits.
+            match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                Ok(i) if i.0 != q.next_avail() => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(Malformed(format!("available ring: {e}"))),
+            }
             if let Err(e) = q.enable_notification(mem) {
                 break Err(Malformed(format!("used ring not accessible: {e}")));
+            }
+            break Ok(());
+        }
+        if idle {
+            // Too few buffers for the waiting request: leave them for later.
+            if let Err(e) = q.enable_notification(mem) {
+                break Err(Malformed(format!("used ring not accessible: {e}")));
+            }
+            if let Some(seen) = short {
+                // Buffers added while notifications were off would
+                // never be announced: look again.
+                match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                    Ok(i) if i.0 != seen => continue,
+                    Ok(_) => {}
+                    Err(e) => break Err(Malformed(format!("available ring: {e}"))),
+                }
             }
             break Ok(());
         }
@@ -430,7 +566,9 @@ fn serve(
         }
     };
     if used_any && q.needs_notification(mem).unwrap_or(true) {
-        irq.queue(qi);
+        if let Some(irq) = irq {
+            irq.queue(qi);
+        }
     }
     res
 }
