@@ -8,7 +8,13 @@
 #   tso               64 KiB TCP/IPv4 GSO frames passed through (HOST_TSO4)
 #   rx 64 / rx 1514   a packet-socket generator floods the tap's host side;
 #                     the device fills 256 mergeable 1536-byte RX buffers
+#   passt-tx, passt-rx  the same through passt (user mode): UDP to the gateway
+#                     counted on the host's loopback; UDP from the host into
+#                     passt's forwarded port
 # QEMU has no such harness, so part 1 has no QEMU column.
+#
+# Part 3 (below): the same tiny guest over passt, vmrun and QEMU each with
+# -netdev stream to a fresh passt.
 #
 # Part 2, side by side with QEMU: the same tiny guest (guests/tiny/netbench.S,
 # polling, one vCPU, 64 MiB) under vmrun and under qemu-system-x86_64
@@ -59,10 +65,18 @@ inns sh -c 'echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6;
             echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6'
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
+# An interface with a default route: passt copies its addresses from it.
+inns ip link add pb0 type veth peer name pb1
+inns ip addr add 10.99.0.2/24 dev pb0
+inns ip link set pb0 up
+inns ip link set pb1 up
+inns ip route add default via 10.99.0.1
 
 echo "== part 1: vmrun's virtio-net device path over a tap (no guest), best of $runs"
-printf '%-5s %6s %10s %12s %9s  %s\n' mode size frames frames/s Gbit/s notes
-for m in "tx 64" "tx 1514" "tso 0" "rx 64" "rx 1514"; do
+printf '%-8s %6s %10s %12s %9s  %s\n' mode size frames frames/s Gbit/s notes
+modes=("tx 64" "tx 1514" "tso 0" "rx 64" "rx 1514")
+command -v passt >/dev/null && modes+=("passt-tx 64" "passt-tx 1514" "passt-rx 64" "passt-rx 1400")
+for m in "${modes[@]}"; do
     set -- $m
     best=""; line=""
     for _ in $(seq "$runs"); do
@@ -72,7 +86,7 @@ for m in "tx 64" "tx 1514" "tso 0" "rx 64" "rx 1514"; do
         if [ -z "$best" ] || [ "$f" -gt "$best" ]; then best=$f; line=$l; fi
     done
     notes=$(echo "$line" | sed 's/.* gbit=[^ ]* *//')
-    printf '%-5s %6s %10s %12s %9s  %s\n' "$1" "$(echo "$line" | field size)" \
+    printf '%-8s %6s %10s %12s %9s  %s\n' "$1" "$(echo "$line" | field size)" \
         "$(echo "$line" | field frames)" "$best" "$(echo "$line" | field gbit)" "$notes"
 done
 
@@ -99,7 +113,7 @@ timed() {
 }
 run_vmrun() {
     inns timeout 300 "$vmrun" -m 64 -kernel "$dir/netbench.elf" -append "$1" \
-        -netdev tap,id=n0,ifname=gbt0 -device virtio-net-pci,netdev=n0
+        -netdev tap,id=n0,ifname=gbt0,script=no,downscript=no -device virtio-net-pci,netdev=n0
 }
 run_qemu() {
     inns timeout 300 "$qemu" -accel kvm -m 64 -kernel "$dir/netbench.elf" -append "$1" \
@@ -131,6 +145,63 @@ for m in "t 64" "t 1514" "r 64" "r 1514"; do
         cmd="r $gcount"
         # Its own process group: `ip netns exec` forks, so kill the group.
         setsid ip netns exec "$ns" "$nb" gen -i gbt0 -s "$2" -c 0 2>/dev/null &
+        gen=$!
+    fi
+    compare "$cmd"
+    if [ -n "$gen" ]; then kill -- "-$gen"; wait "$gen" 2>/dev/null || true; gen=""; fi
+    awk -v d="$1" -v z="$2" -v n="$gcount" -v a="${sv:-0}" -v b="${sq:-0}" 'BEGIN{
+        fv = a > 0 ? n / a : 0; fq = b > 0 ? n / b : 0
+        printf "%-4s %6s %10d %14.0f %14.0f %7s\n", (d == "t" ? "tx" : "rx"), z, n, fv, fq,
+            (fq > 0 ? sprintf("%.2f", fv / fq) : "-") }'
+done
+
+echo
+# Part 3: the passt backend (user mode), the same tiny guest under vmrun
+# (-netdev stream: vmrun's -netdev user backend without starting passt itself)
+# and QEMU (-netdev stream), each connected to a fresh passt listening on a
+# unix socket. TX: the guest's frames into passt (passt drops the non-IP
+# ones after reading them); RX: a UDP sender on the host floods passt's
+# forwarded port 5555 and passt turns each datagram into a frame.
+if ! command -v passt >/dev/null; then
+    echo "== part 3: skipped, passt is not installed"
+    exit 0
+fi
+echo "== part 3: tiny guest over passt, vmrun vs QEMU (-netdev stream), best of $runs"
+sock=$dir/passt.sock
+passt_up() {
+    rm -f "$sock"
+    inns passt --foreground --one-off --quiet --socket "$sock" --udp-ports 5555 \
+        --log-file "$dir/passt.log" >/dev/null 2>&1 &
+    for _ in $(seq 50); do [ -S "$sock" ] && return; sleep 0.1; done
+    echo "bench/net.sh: passt did not start (see $dir/passt.log)" >&2
+}
+run_vmrun() {
+    passt_up
+    inns timeout 300 "$vmrun" -m 64 -kernel "$dir/netbench.elf" -append "$1" \
+        -netdev "stream,id=n0,addr.type=unix,addr.path=$sock" -device virtio-net-pci,netdev=n0
+}
+run_qemu() {
+    passt_up
+    inns timeout 300 "$qemu" -accel kvm -m 64 -kernel "$dir/netbench.elf" -append "$1" \
+        -nographic -no-reboot -device isa-debug-exit,iobase=0x501,iosize=1 \
+        -netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$sock" \
+        -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile=
+}
+printf '%-4s %6s %10s %14s %14s %7s\n' dir size frames vmrun_fps qemu_fps ratio
+for m in "t 64" "t 1514" "r 64" "r 1400"; do
+    set -- $m
+    if [ "$1" = t ]; then
+        cmd="t $2 $gcount"
+    else
+        cmd="r $gcount"
+        setsid ip netns exec "$ns" python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+p = b"x" * (int(sys.argv[1]) - 42)
+while True:
+    try: s.sendto(p, ("127.0.0.1", 5555))
+    except OSError: pass
+' "$2" 2>/dev/null &
         gen=$!
     fi
     compare "$cmd"

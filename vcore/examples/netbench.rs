@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! netbench tx|tso|rx|gen [-i IFNAME] [-c COUNT] [-s SIZE]
+//! netbench passt-tx|passt-rx [-c COUNT] [-s SIZE]
 //! ```
 //!
 //! - `tx`: COUNT frames of SIZE bytes (Ethernet, without the virtio header)
@@ -18,6 +19,14 @@
 //!   from a packet socket on its host side as fast as it can; the device
 //!   puts them into 256 mergeable 1536-byte RX buffers that are reposted as
 //!   they are used.
+//! - `passt-tx`: the same TX path into passt (the `-netdev user` backend:
+//!   a socket pair, QEMU's stream framing): IPv4/UDP frames to the gateway
+//!   address, which passt maps to the host's loopback, where a UDP socket
+//!   counts what arrives.
+//! - `passt-rx`: a UDP sender on the host floods passt's forwarded port
+//!   (`hostfwd=udp::5555-:5555`); passt turns each datagram into a frame
+//!   for the guest, which the device puts into mergeable RX buffers.
+//!   passt needs an interface with a default route (bench/net.sh makes one).
 //! - `gen`: only the generator, on an existing interface IFNAME, COUNT
 //!   frames (0: until killed); the packet source for a guest benchmark.
 //!
@@ -73,12 +82,17 @@ fn parse() -> Result<Args, String> {
                     return Err(format!("-s {v}: a frame is 14 to 1514 bytes"));
                 }
             }
-            "tx" | "tso" | "rx" | "gen" if a.mode.is_empty() => a.mode = x,
+            "tx" | "tso" | "rx" | "gen" | "passt-tx" | "passt-rx" if a.mode.is_empty() => {
+                a.mode = x
+            }
             o => return Err(format!("unknown argument '{o}'")),
         }
     }
     if a.mode.is_empty() {
-        return Err("usage: netbench tx|tso|rx|gen [-i IFNAME] [-c COUNT] [-s SIZE]".into());
+        return Err(
+            "usage: netbench tx|tso|rx|gen|passt-tx|passt-rx [-i IFNAME] [-c COUNT] [-s SIZE]"
+                .into(),
+        );
     }
     Ok(a)
 }
@@ -346,6 +360,225 @@ fn generate(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The guest's IPv4/UDP frame to the gateway (passt maps it to the host's
+/// loopback): `size` bytes of Ethernet frame, UDP port 40000 → `dport`.
+fn udp_frame(size: usize, src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let size = size.max(42);
+    let mut f = vec![0u8; size];
+    f[..6].fill(0xff);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip_len = size - 14;
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let mut sum = 0u32;
+    for c in ip.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&((ip_len - 20) as u16).to_be_bytes());
+    // checksum 0: none (allowed for UDP over IPv4)
+    f
+}
+
+/// This namespace's address on the interface with the default route, and
+/// the gateway: what passt gives the guest.
+fn passt_addrs() -> Result<([u8; 4], [u8; 4]), String> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "route", "get", "192.0.2.1"])
+        .output()
+        .map_err(|e| format!("ip route get: {e}"))?;
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let w: Vec<&str> = s.split_whitespace().collect();
+    let after = |k: &str| {
+        w.iter()
+            .position(|x| *x == k)
+            .and_then(|i| w.get(i + 1))
+            .and_then(|v| v.parse::<std::net::Ipv4Addr>().ok())
+            .map(|a| a.octets())
+    };
+    match (after("src"), after("via")) {
+        (Some(src), Some(gw)) => Ok((src, gw)),
+        _ => Err(format!("no default route for passt here: {s}")),
+    }
+}
+
+fn passt_tx(a: &Args, mem: &GuestMemoryMmap) -> Result<(), String> {
+    use vcore::net::passt::{Passt, PasstConfig};
+    let (src, gw) = passt_addrs()?;
+    let sink = std::net::UdpSocket::bind("127.0.0.1:5001").map_err(|e| format!("sink: {e}"))?;
+    sink.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let passt = Arc::new(Passt::start("bench", &PasstConfig::default())?);
+    let acked = F_VERSION_1 | F_MRG_RXBUF;
+    let mut h = NetHandler::new(passt, acked);
+    let mut ring = DriverRing::new(mem, RING, QSIZE)?;
+    let mut q = ring.queue();
+    let mut frame = vec![0u8; HDR_LEN];
+    frame.extend(udp_frame(a.size, src, gw, 5001));
+    for i in 0..u64::from(QSIZE) {
+        mem.write_slice(&frame, GuestAddress(BUFS + i * SLOT))
+            .map_err(|e| e.to_string())?;
+    }
+    let got = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (got2, stop2) = (got.clone(), stop.clone());
+    let counter = std::thread::spawn(move || {
+        let mut b = [0u8; 2048];
+        while !stop2.load(Ordering::Relaxed) {
+            if sink.recv(&mut b).is_ok() {
+                got2.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let start = Instant::now();
+    let (mut posted, mut done) = (0u64, 0u64);
+    while done < a.count {
+        while ring.free() > 0 && posted < a.count {
+            let b = Buf {
+                addr: BUFS + (posted % u64::from(QSIZE)) * SLOT,
+                len: frame.len() as u32,
+                write: false,
+            };
+            ring.add(mem, &[b]).ok_or("ring full")?;
+            posted += 1;
+        }
+        serve(TXQ, &mut q, mem, &mut h, None).map_err(|m| m.0)?;
+        while ring.used(mem).is_some() {
+            done += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    // Let passt finish what it has read, then count.
+    let mut last = got.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = got.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let host_secs = start.elapsed().as_secs_f64() - 0.3;
+    stop.store(true, Ordering::Relaxed);
+    let _ = counter.join();
+    report(
+        "passt-tx",
+        frame.len() - HDR_LEN,
+        done,
+        secs,
+        &format!(
+            "host_got={last} host_fps={:.0}",
+            last as f64 / host_secs.max(1e-9)
+        ),
+    );
+    Ok(())
+}
+
+fn passt_rx(a: &Args, mem: &GuestMemoryMmap) -> Result<(), String> {
+    use vcore::net::passt::{HostFwd, Passt, PasstConfig};
+    let (src, gw) = passt_addrs()?;
+    let cfg = PasstConfig {
+        hostfwd: vec![HostFwd::parse("udp::5555-:5555")?],
+        ..Default::default()
+    };
+    let passt = Arc::new(Passt::start("bench", &cfg)?);
+    let acked = F_VERSION_1 | F_MRG_RXBUF;
+    let mut h = NetHandler::new(passt.clone(), acked);
+    // One frame from the guest first, so passt knows its MAC.
+    let mut hello = vec![0u8; HDR_LEN];
+    hello.extend(udp_frame(60, src, gw, 9));
+    vcore::net::Backend::send(passt.as_ref(), &hello).map_err(|e| e.to_string())?;
+    let mut ring = DriverRing::new(mem, RING, QSIZE)?;
+    let mut q = ring.queue();
+    let post = |ring: &mut DriverRing, i: u64| {
+        ring.add(
+            mem,
+            &[Buf {
+                addr: BUFS + (i % u64::from(QSIZE)) * 0x800,
+                len: 1536,
+                write: true,
+            }],
+        )
+    };
+    for i in 0..u64::from(QSIZE) {
+        post(&mut ring, i).ok_or("ring full")?;
+    }
+    let payload = vec![0x5au8; a.size.saturating_sub(42).max(1)];
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (stop2, sent2, count) = (stop.clone(), sent.clone(), a.count);
+    std::thread::sleep(Duration::from_millis(200));
+    let generator = std::thread::spawn(move || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
+        let t = Instant::now();
+        let mut n = 0u64;
+        while n < count * 2 && !stop2.load(Ordering::Relaxed) {
+            if s.send_to(&payload, "127.0.0.1:5555").is_ok() {
+                n += 1;
+            }
+        }
+        sent2.store(n, Ordering::SeqCst);
+        t.elapsed().as_secs_f64()
+    });
+    let fd = vcore::net::Backend::fd(passt.as_ref()).ok_or("passt has no fd")?;
+    let (mut got, mut reposted) = (0u64, u64::from(QSIZE));
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, 300) };
+        if r == 0 && generator.is_finished() {
+            break;
+        }
+        serve(RXQ, &mut q, mem, &mut h, None).map_err(|m| m.0)?;
+        let before = got;
+        while ring.used(mem).is_some() {
+            got += 1;
+            post(&mut ring, reposted).ok_or("ring full")?;
+            reposted += 1;
+        }
+        if got > before {
+            first.get_or_insert_with(Instant::now);
+            last = Instant::now();
+        }
+        if got >= a.count {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let gsecs = generator.join().map_err(|_| "generator panicked")?;
+    let sent = sent.load(Ordering::SeqCst);
+    let secs = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
+    report(
+        "passt-rx",
+        a.size.max(42),
+        got,
+        secs.max(1e-9),
+        &format!(
+            "host_sent={sent} host_fps={:.0}",
+            sent as f64 / gsecs.max(1e-9)
+        ),
+    );
+    Ok(())
+}
+
 fn main() {
     let a = match parse() {
         Ok(a) => a,
@@ -357,6 +590,15 @@ fn main() {
     let r = (|| -> Result<(), String> {
         if a.mode == "gen" {
             return generate(&a);
+        }
+        if a.mode.starts_with("passt-") {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)])
+                .map_err(|e| e.to_string())?;
+            return if a.mode == "passt-tx" {
+                passt_tx(&a, &mem)
+            } else {
+                passt_rx(&a, &mem)
+            };
         }
         let tap = Arc::new(Tap::open(&a.ifname)?);
         tap.up()?;

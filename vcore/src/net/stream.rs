@@ -20,6 +20,8 @@ pub const MAX_FRAME: usize = 65536;
 /// How long a send may wait for the peer to take the rest of a frame whose
 /// first bytes already went out (the stream must stay in sync).
 const SEND_STALL: Duration = Duration::from_secs(5);
+/// How long a send waits for room before the frame is dropped.
+const FULL_WAIT_MS: i32 = 5;
 
 /// Receive state: bytes read from the socket, not yet handed out.
 struct Rx {
@@ -113,6 +115,7 @@ impl Stream {
 
     fn write_all_stalling(&self, mut data: &[u8]) -> std::io::Result<()> {
         let first = data.len();
+        let mut waited = false;
         let deadline = Instant::now() + SEND_STALL;
         while !data.is_empty() {
             // SAFETY: `data` is readable for its length; the fd is open.
@@ -128,7 +131,22 @@ impl Stream {
                 let e = std::io::Error::last_os_error();
                 match e.kind() {
                     ErrorKind::Interrupted => continue,
-                    ErrorKind::WouldBlock if data.len() == first => return Err(e),
+                    ErrorKind::WouldBlock if data.len() == first => {
+                        // The peer is behind: wait a little for room, as a
+                        // NIC's queue would, before dropping the frame.
+                        if waited {
+                            return Err(e);
+                        }
+                        waited = true;
+                        let mut p = libc::pollfd {
+                            fd: self.sock.as_raw_fd(),
+                            events: libc::POLLOUT,
+                            revents: 0,
+                        };
+                        // SAFETY: one valid pollfd.
+                        unsafe { libc::poll(&mut p, 1, FULL_WAIT_MS) };
+                        continue;
+                    }
                     ErrorKind::WouldBlock => {
                         // Part of the frame is out: finish it or the
                         // stream loses its framing.
