@@ -42,7 +42,8 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 cd "$here"
-cargo build -q --release -p vmrun -p vcore --example netbench
+cargo build -q --release -p vmrun
+cargo build -q --release -p vcore --example netbench
 t=${CARGO_TARGET_DIR:-$here/target}
 nb=$t/release/examples/netbench
 vmrun=$t/release/vmrun
@@ -66,6 +67,7 @@ inns sh -c 'echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6;
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 # An interface with a default route: passt copies its addresses from it.
+inns ip link set lo up
 inns ip link add pb0 type veth peer name pb1
 inns ip addr add 10.99.0.2/24 dev pb0
 inns ip link set pb0 up
