@@ -131,6 +131,39 @@ impl SeqWriter {
         Ok(())
     }
 
+    /// Allocate `n` consecutive host clusters at the end of the file for
+    /// guest clusters `first_guest_cluster..+n` and map them, without
+    /// writing: the caller fills `[host, host + n * cluster size)` (with
+    /// `pwrite` or `copy_file_range` on [`SeqWriter::file`]) before
+    /// [`SeqWriter::finish`]. Bytes it leaves unwritten read as zeroes.
+    /// Returns the host offset.
+    pub fn reserve_clusters(&mut self, first_guest_cluster: u64, n: u64) -> Result<u64, String> {
+        let cs = self.h.cluster_size();
+        let off = self.end.next_multiple_of(cs);
+        let bitmap = if self.h.extended_l2() { 0xffff_ffff } else { 0 };
+        for i in 0..n {
+            self.set_l2(
+                first_guest_cluster + i,
+                (off + i * cs) | OFLAG_COPIED,
+                bitmap,
+            )?;
+        }
+        let last = (off + n * cs).div_ceil(cs) as usize;
+        if self.refs.len() < last {
+            self.refs.resize(last, 0);
+        }
+        for r in &mut self.refs[(off / cs) as usize..last] {
+            *r += 1;
+        }
+        self.end = off + n * cs;
+        Ok(off)
+    }
+
+    /// The image file (for filling reserved clusters).
+    pub fn file(&self) -> &File {
+        &self.f
+    }
+
     /// Store a compressed cluster (output of [`compress`]).
     pub fn write_compressed(&mut self, guest_cluster: u64, comp: &[u8]) -> Result<(), String> {
         let h = &self.h;
@@ -159,6 +192,10 @@ impl SeqWriter {
     /// order alone keeps a killed process from leaving corruption.
     pub fn finish(mut self, sync: bool) -> Result<(), String> {
         let cs = self.h.cluster_size();
+        // Reserved clusters the caller left unwritten at the very end.
+        if self.f.metadata().map_err(io)?.len() < self.end {
+            self.f.set_len(self.end).map_err(io)?;
+        }
         // Pad the file so that sector-rounded compressed extents stay inside.
         let data_end = self.end.next_multiple_of(512);
         let mut pos = self.end.next_multiple_of(cs);

@@ -1,0 +1,315 @@
+//! Fast data path of `convert` into a fresh target: data extents of the
+//! source (contiguous host ranges found through block status) are scanned
+//! for zero blocks through a read-only `mmap` of the source file (no copy)
+//! and the non-zero runs are copied file to file with `copy_file_range`
+//! (one copy, inside the kernel, instead of `pread` + `pwrite`'s two) by a
+//! pool of worker threads, each at its final offset. Falls back to
+//! `pread`/`pwrite` where `copy_file_range` is not supported (other file
+//! systems on old kernels, block devices).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+/// Largest piece handed to one worker.
+const JOB_MAX: u64 = 8 << 20;
+
+/// Largest source window mapped at once.
+pub const WINDOW: u64 = 64 << 20;
+
+/// Whether `b` is all zeroes (word-wise, vectorizable, early exit).
+pub fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
+    // the aligned middle part of the slice.
+    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
+    if !head.iter().all(|&x| x == 0) || !tail.iter().all(|&x| x == 0) {
+        return false;
+    }
+    // OR 32 words (256 bytes) at a time: the compiler vectorizes the inner
+    // fold; random data leaves after the first block.
+    let mut it = mid.chunks_exact(32);
+    for c in &mut it {
+        if c.iter().fold(0u64, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    it.remainder().iter().all(|&x| x == 0)
+}
+
+/// Runs `[start, end)` of `data` made of blocks of `blk` bytes (the last
+/// one may be short) that are not all zeroes; adjacent blocks merge.
+pub fn nonzero_runs(data: &[u8], blk: usize) -> Vec<(usize, usize)> {
+    let blk = blk.max(1);
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < data.len() {
+        let e = (i + blk).min(data.len());
+        if !is_zero(&data[i..e]) {
+            match runs.last_mut() {
+                Some(r) if r.1 == i => r.1 = e,
+                _ => runs.push((i, e)),
+            }
+        }
+        i = e;
+    }
+    runs
+}
+
+/// A read-only shared mapping of part of a file.
+pub struct Mapped {
+    base: *mut libc::c_void,
+    map_len: usize,
+    skip: usize,
+    len: usize,
+}
+
+impl Mapped {
+    /// Map `[off, off + len)` of `f`, clamped to the file's current length
+    /// (bytes past the end read as zeroes and are not part of the slice).
+    /// `None` if the range is empty or the file cannot be mapped.
+    pub fn new(f: &File, off: u64, len: u64) -> Option<Mapped> {
+        let flen = f.metadata().ok()?.len();
+        if off >= flen || len == 0 {
+            return None;
+        }
+        let len = len.min(flen - off) as usize;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let start = off / page * page;
+        let skip = (off - start) as usize;
+        let map_len = skip + len;
+        // SAFETY: a fresh read-only shared mapping of an open file; the
+        // kernel picks the address; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the mapping just created; failure is harmless.
+        unsafe { libc::madvise(base, map_len, libc::MADV_SEQUENTIAL) };
+        Some(Mapped {
+            base,
+            map_len,
+            skip,
+            len,
+        })
+    }
+
+    /// The mapped bytes (from `off`).
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is live for &self, readable, and covers
+        // skip + len bytes, all inside the file at mapping time (the image
+        // is locked against writers like qemu-img's).
+        unsafe { std::slice::from_raw_parts((self.base as *const u8).add(self.skip), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in `new`; no slice
+        // borrowed from it outlives self.
+        unsafe { libc::munmap(self.base, self.map_len) };
+    }
+}
+
+/// One copy: `len` bytes from `src` at `src_off` to `dst` at `dst_off`.
+#[derive(Clone, Copy)]
+struct Job {
+    src: RawFd,
+    src_off: u64,
+    dst: RawFd,
+    dst_off: u64,
+    len: u64,
+}
+
+/// Copy a range file to file. Bytes past the source's end are left
+/// unwritten (the fresh target reads them as zeroes).
+fn copy_range(j: Job, buf: &mut Vec<u8>, use_cfr: &mut bool) -> std::io::Result<()> {
+    let mut done = 0u64;
+    while done < j.len && *use_cfr {
+        let mut so = (j.src_off + done) as libc::loff_t;
+        let mut d_o = (j.dst_off + done) as libc::loff_t;
+        // SAFETY: both descriptors stay open for the whole convert (their
+        // owners outlive the worker scope); the offsets are our own locals.
+        let r = unsafe {
+            libc::copy_file_range(j.src, &mut so, j.dst, &mut d_o, (j.len - done) as usize, 0)
+        };
+        if r > 0 {
+            done += r as u64;
+        } else if r == 0 {
+            return Ok(());
+        } else {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(
+                    libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF,
+                ) => {
+                    *use_cfr = false;
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+    if done < j.len && buf.is_empty() {
+        buf.resize(1 << 20, 0);
+    }
+    while done < j.len {
+        let n = ((j.len - done) as usize).min(buf.len());
+        // SAFETY: reads into our own buffer of at least n bytes from an
+        // open descriptor.
+        let r = unsafe {
+            libc::pread(
+                j.src,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                n,
+                (j.src_off + done) as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut w = 0usize;
+        while w < r as usize {
+            // SAFETY: writes initialized bytes of our buffer to an open
+            // descriptor.
+            let k = unsafe {
+                libc::pwrite(
+                    j.dst,
+                    buf[w..].as_ptr() as *const libc::c_void,
+                    r as usize - w,
+                    (j.dst_off + done + w as u64) as libc::off_t,
+                )
+            };
+            if k < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            w += k as usize;
+        }
+        done += r as u64;
+    }
+    Ok(())
+}
+
+/// Worker threads executing copies; the first error stops everything.
+pub struct Pool<'s> {
+    tx: Option<SyncSender<Job>>,
+    workers: Vec<std::thread::ScopedJoinHandle<'s, ()>>,
+    failed: Arc<AtomicBool>,
+    err: Arc<Mutex<Option<(u64, std::io::Error)>>>,
+}
+
+impl<'s> Pool<'s> {
+    /// Start `threads` workers in `scope`.
+    pub fn new<'e>(scope: &'s std::thread::Scope<'s, 'e>, threads: usize) -> Pool<'s> {
+        let (tx, rx) = sync_channel::<Job>(threads * 2);
+        let rx: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(rx));
+        let failed = Arc::new(AtomicBool::new(false));
+        let err = Arc::new(Mutex::new(None));
+        let mut workers = Vec::new();
+        for _ in 0..threads.max(1) {
+            let rx = rx.clone();
+            let failed = failed.clone();
+            let err = err.clone();
+            workers.push(scope.spawn(move || {
+                let mut buf = Vec::new();
+                let mut use_cfr = true;
+                loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    if failed.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Err(e) = copy_range(job, &mut buf, &mut use_cfr) {
+                        failed.store(true, Ordering::Relaxed);
+                        if let Ok(mut g) = err.lock() {
+                            g.get_or_insert((job.dst_off, e));
+                        }
+                    }
+                }
+            }));
+        }
+        Pool {
+            tx: Some(tx),
+            workers,
+            failed,
+            err,
+        }
+    }
+
+    /// Queue a copy of `len` bytes (split for the workers). Returns the
+    /// first error of an earlier copy (target offset, error), if any.
+    pub fn copy(
+        &self,
+        src: &File,
+        src_off: u64,
+        dst: &File,
+        dst_off: u64,
+        len: u64,
+    ) -> Result<(), (u64, std::io::Error)> {
+        let mut done = 0;
+        while done < len {
+            self.check()?;
+            let n = (len - done).min(JOB_MAX);
+            let job = Job {
+                src: src.as_raw_fd(),
+                src_off: src_off + done,
+                dst: dst.as_raw_fd(),
+                dst_off: dst_off + done,
+                len: n,
+            };
+            if let Some(tx) = &self.tx {
+                if tx.send(job).is_err() {
+                    break;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), (u64, std::io::Error)> {
+        if self.failed.load(Ordering::Relaxed) {
+            if let Ok(mut g) = self.err.lock() {
+                if let Some(e) = g.take() {
+                    return Err(e);
+                }
+            }
+            return Err((0, std::io::Error::other("copy failed")));
+        }
+        Ok(())
+    }
+
+    /// Wait for all queued copies; the first error, if any.
+    pub fn finish(mut self) -> Result<(), (u64, std::io::Error)> {
+        self.tx = None;
+        for w in std::mem::take(&mut self.workers) {
+            let _ = w.join();
+        }
+        self.check()
+    }
+}
