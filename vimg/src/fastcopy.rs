@@ -313,3 +313,102 @@ impl<'s> Pool<'s> {
         self.check()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    fn tmp(name: &str, data: &[u8]) -> (std::path::PathBuf, File) {
+        let p = std::env::temp_dir().join(format!("vimg-fastcopy-{}-{name}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.write_all(data).unwrap();
+        (p, f)
+    }
+
+    #[test]
+    fn zero_detection_at_every_position() {
+        let mut b = vec![0u8; 4096 + 13];
+        assert!(is_zero(&b));
+        assert!(is_zero(&b[3..]));
+        assert!(is_zero(&[]));
+        for i in [0, 1, 7, 8, 255, 256, 2048, 4095, 4096, 4108] {
+            b[i] = 1;
+            assert!(!is_zero(&b), "{i}");
+            assert!(!is_zero(&b[..=i]), "{i}");
+            assert!(is_zero(&b[i + 1..]), "{i}");
+            b[i] = 0;
+        }
+    }
+
+    #[test]
+    fn runs_merge_and_keep_a_short_last_block() {
+        let mut b = vec![0u8; 10 * 512 + 100];
+        b[0] = 1;
+        b[512 + 3] = 1;
+        b[4 * 512] = 1;
+        b[10 * 512 + 99] = 1;
+        assert_eq!(
+            nonzero_runs(&b, 512),
+            vec![(0, 1024), (2048, 2560), (5120, 5220)]
+        );
+        assert_eq!(nonzero_runs(&b, 4096), vec![(0, 5220)]);
+        assert!(nonzero_runs(&vec![0u8; 9000], 4096).is_empty());
+    }
+
+    #[test]
+    fn mapping_is_clamped_to_the_file_and_unaligned_offsets_work() {
+        let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
+        let (p, f) = tmp("map", &data);
+        let m = Mapped::new(&f, 4097, 100_000).unwrap();
+        assert_eq!(m.bytes(), &data[4097..]);
+        assert!(Mapped::new(&f, 10000, 10).is_none());
+        drop(m);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn copies_with_copy_file_range_and_with_the_fallback() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (ps, src) = tmp("src", &data);
+        for cfr in [true, false] {
+            let (pd, dst) = tmp(&format!("dst{cfr}"), &[]);
+            let mut buf = Vec::new();
+            let mut use_cfr = cfr;
+            let job = Job {
+                src: src.as_raw_fd(),
+                src_off: 1000,
+                dst: dst.as_raw_fd(),
+                dst_off: 77,
+                len: 2_999_500, // runs 500 bytes past the source's end
+            };
+            copy_range(job, &mut buf, &mut use_cfr).unwrap();
+            let mut got = vec![0u8; 2_999_000];
+            dst.read_exact_at(&mut got, 77).unwrap();
+            assert_eq!(got, &data[1000..], "copy_file_range: {cfr}");
+            assert_eq!(dst.metadata().unwrap().len(), 77 + 2_999_000);
+            std::fs::remove_file(pd).unwrap();
+        }
+        // Through the pool, in pieces, by two workers.
+        let (pd, dst) = tmp("pool", &[]);
+        std::thread::scope(|sc| {
+            let pool = Pool::new(sc, 2);
+            pool.copy(&src, 0, &dst, 0, 1 << 20).unwrap();
+            pool.copy(&src, 1 << 20, &dst, 1 << 20, 2_000_000 - (1 << 20))
+                .unwrap();
+            pool.finish().unwrap();
+        });
+        let mut got = vec![0u8; 2_000_000];
+        dst.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, &data[..2_000_000]);
+        std::fs::remove_file(pd).unwrap();
+        std::fs::remove_file(ps).unwrap();
+    }
+}
