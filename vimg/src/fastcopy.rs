@@ -135,6 +135,20 @@ struct Job {
 /// Copy a range file to file. Bytes past the source's end are left
 /// unwritten (the fresh target reads them as zeroes).
 fn copy_range(j: Job, buf: &mut Vec<u8>, use_cfr: &mut bool) -> std::io::Result<()> {
+    // Allocate the target range first (as QEMU's qcow2 driver does for new
+    // clusters): one extent allocation instead of delayed allocation page
+    // by page, which makes the copy markedly cheaper on ext4. Errors (file
+    // systems without fallocate) are harmless; the file size is left to
+    // the copy.
+    // SAFETY: plain syscall on an open descriptor with integer arguments.
+    unsafe {
+        libc::fallocate(
+            j.dst,
+            libc::FALLOC_FL_KEEP_SIZE,
+            j.dst_off as libc::off_t,
+            j.len as libc::off_t,
+        )
+    };
     let mut done = 0u64;
     while done < j.len && *use_cfr {
         let mut so = (j.src_off + done) as libc::loff_t;
