@@ -1404,3 +1404,33 @@ fn convert_fast_path_allocation_and_compare_match_qemu_img() {
     e.same(&["compare", "-F", "raw", "zo.qcow2", "y.raw"]);
     e.same(&["compare", "-f", "raw", "y.raw", "zc.qcow2"]);
 }
+
+/// `-o` lists are checked and split as qemu-img does: `Invalid option
+/// list` for empty lists, a leading comma or an odd trailing one; no
+/// escapes in names; `noflag` means `flag=off`.
+#[test]
+fn option_lists_match_qemu_img() {
+    let Some(e) = Env::new() else { return };
+    assert_eq!(e.q(&["create", "-q", "-f", "qcow2", "s.qcow2", "1M"]).rc, 0);
+    for o in [
+        ",cluster_size=4k",
+        "cluster_size=4k,",
+        "",
+        ",,",
+        "nolazy_refcounts",
+        "lazy_refcounts",
+        "nocow",
+        "a,,b=1",
+        "=on",
+    ] {
+        let _ = std::fs::remove_file(e.p().join("x.qcow2"));
+        e.same(&["create", "-f", "qcow2", "-o", o, "x.qcow2", "1M"]);
+        let _ = std::fs::remove_file(e.p().join("x.qcow2"));
+        e.same(&["amend", "-o", o, "s.qcow2"]);
+        e.check_clean("s.qcow2");
+    }
+    for o in [",cluster_size=4k", "cluster_size=4k,", ""] {
+        e.same(&["convert", "-O", "qcow2", "-o", o, "s.qcow2", "y.qcow2"]);
+        e.same(&["measure", "-O", "qcow2", "-o", o, "--size", "1G"]);
+    }
+}

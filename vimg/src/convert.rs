@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, Failure, R};
-use crate::fastcopy::{nonzero_runs, Mapped, Pool, WINDOW};
+use crate::fastcopy::{is_zero, nonzero_runs, runs, Mapped, Pool, WINDOW};
 use crate::map::{is_zero_range, open_chain, plain_extent, read_chain, status, Layer};
 use std::fs::File;
 use std::io::Write;
@@ -216,26 +216,15 @@ pub fn run(a: ConvertArgs) -> R<()> {
             let have_backing = bbuf.is_some();
             // Walk blocks of `sparse` bytes (or the whole chunk with -S 0).
             let blk = if sparse == 0 { n } else { sparse as usize };
-            let skip = |i: usize| -> bool {
-                let e = (i + blk).min(n);
+            let keep = |i: usize, e: usize| -> bool {
                 match &bbuf {
-                    Some(b) => buf[i..e] == b[i..e],
-                    None => sparse != 0 && fresh && buf[i..e].iter().all(|&b| b == 0),
+                    Some(b) => buf[i..e] != b[i..e],
+                    None => sparse == 0 || !fresh || !is_zero(&buf[i..e]),
                 }
             };
-            let mut i = 0usize;
-            while i < n {
-                if skip(i) {
-                    i += blk;
-                    continue;
-                }
-                let start = i;
-                while i < n && !skip(i) {
-                    i += blk;
-                }
-                let end = i.min(n);
+            for (start, end) in runs(n, blk, keep) {
                 let at = at0 + start as u64;
-                if !fresh && !have_backing && buf[start..end].iter().all(|&b| b == 0) {
+                if !fresh && !have_backing && is_zero(&buf[start..end]) {
                     target
                         .write_zeroes(at, (end - start) as u64)
                         .map_err(|e| fail(format!("error while writing at byte {at}: {e}")))?;
@@ -387,7 +376,7 @@ fn convert_seq(
                         let s = i * cs as usize;
                         **c != b[s..s + c.len()]
                     }
-                    None => sparse == 0 || c.iter().any(|&x| x != 0),
+                    None => sparse == 0 || !is_zero(c),
                 })
                 .collect();
             let comp: Vec<Option<Vec<u8>>> = if a.compress {
@@ -615,7 +604,7 @@ fn fast_qcow2(
                 let n = (size - off).min(cs) as usize;
                 buf.fill(0);
                 read_chain(src, off, &mut buf[..n]).map_err(msg)?;
-                if !crate::fastcopy::is_zero(&buf[..n]) {
+                if !is_zero(&buf[..n]) {
                     w.write_cluster((base + off) / cs, &buf[..n])?;
                 }
                 off += cs;

@@ -38,23 +38,33 @@ pub fn is_zero(b: &[u8]) -> bool {
     it.remainder().iter().all(|&x| x == 0)
 }
 
-/// Runs `[start, end)` of `data` made of blocks of `blk` bytes (the last
-/// one may be short) that are not all zeroes; adjacent blocks merge.
-pub fn nonzero_runs(data: &[u8], blk: usize) -> Vec<(usize, usize)> {
+/// Runs `[start, end)` of `[0, len)`, walked in blocks of `blk` bytes (the
+/// last one may be short), made of blocks for which `keep(start, end)` is
+/// true; adjacent kept blocks merge.
+pub fn runs(
+    len: usize,
+    blk: usize,
+    mut keep: impl FnMut(usize, usize) -> bool,
+) -> Vec<(usize, usize)> {
     let blk = blk.max(1);
-    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut out: Vec<(usize, usize)> = Vec::new();
     let mut i = 0;
-    while i < data.len() {
-        let e = (i + blk).min(data.len());
-        if !is_zero(&data[i..e]) {
-            match runs.last_mut() {
+    while i < len {
+        let e = (i + blk).min(len);
+        if keep(i, e) {
+            match out.last_mut() {
                 Some(r) if r.1 == i => r.1 = e,
-                _ => runs.push((i, e)),
+                _ => out.push((i, e)),
             }
         }
         i = e;
     }
-    runs
+    out
+}
+
+/// Runs of `data` made of blocks of `blk` bytes that are not all zeroes.
+pub fn nonzero_runs(data: &[u8], blk: usize) -> Vec<(usize, usize)> {
+    runs(data.len(), blk, |i, e| !is_zero(&data[i..e]))
 }
 
 /// A read-only shared mapping of part of a file.
@@ -95,8 +105,6 @@ impl Mapped {
         if base == libc::MAP_FAILED {
             return None;
         }
-        // SAFETY: advice on the mapping just created; failure is harmless.
-        unsafe { libc::madvise(base, map_len, libc::MADV_SEQUENTIAL) };
         Some(Mapped {
             base,
             map_len,
