@@ -4,6 +4,7 @@
 # the ratio vimg/qemu-img (< 1.0 = vimg faster).
 #
 # Usage: bench/vimg.sh [WORKDIR]      (needs ~16 GiB free; RUNS=3 by default)
+#        ONLY='convert -O|compare' RUNS=5 bench/vimg.sh   (some rows only)
 #        VIMG=/path/to/vimg bench/vimg.sh
 # Builds target/release/vimg if VIMG is not set.
 set -euo pipefail
@@ -36,29 +37,34 @@ if [ ! -f text1g.raw ]; then
         head -c $((1 << 30)) > text1g.raw || true
 fi
 
-# median of RUNS runs of "$@" (after running `pre`), each run being REP
-# back-to-back invocations: prints "wall cpu" seconds per invocation.
+# One timed run of "$@" (after running `pre`), REP back-to-back
+# invocations: prints "wall cpu" seconds per invocation.
 REP=1
-median() {
+timed() {
     local pre=$1; shift
-    local ts=()
-    for _ in $(seq "$RUNS"); do
-        eval "$pre"
-        local t0 t1
-        t0=$(date +%s%N)
-        /usr/bin/time -f "%U %S" -o /tmp/vimg-bench-time bash -c \
-            'for i in $(seq '"$REP"'); do "$@" >/dev/null 2>&1 || echo "FAILED: $*" >&2; done' _ "$@"
-        t1=$(date +%s%N)
-        ts+=("$(awk -v w="$((t1 - t0))" -v r="$REP" '{printf "%.4f %.4f", w / 1e9 / r, ($1 + $2) / r}' /tmp/vimg-bench-time)")
-    done
-    printf '%s\n' "${ts[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p"
+    eval "$pre"
+    local t0 t1
+    t0=$(date +%s%N)
+    /usr/bin/time -f "%U %S" -o /tmp/vimg-bench-time bash -c \
+        'for i in $(seq '"$REP"'); do "$@" >/dev/null 2>&1 || echo "FAILED: $*" >&2; done' _ "$@"
+    t1=$(date +%s%N)
+    awk -v w="$((t1 - t0))" -v r="$REP" '{printf "%.4f %.4f\n", w / 1e9 / r, ($1 + $2) / r}' /tmp/vimg-bench-time
 }
 
+# Median (by wall time) of RUNS runs per tool, the tools alternating run by
+# run so that both see the same load and page cache state. ONLY=REGEX runs
+# just the rows whose name matches.
 row() {
     local name=$1 pre=$2; shift 2
-    local q v
-    q=$(median "$pre" "$QEMU_IMG" "$@")
-    v=$(median "$pre" "$VIMG" "$@")
+    if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return; fi
+    local qs=() vs=()
+    for _ in $(seq "$RUNS"); do
+        qs+=("$(timed "$pre" "$QEMU_IMG" "$@")")
+        vs+=("$(timed "$pre" "$VIMG" "$@")")
+    done
+    local mid=$(( (RUNS + 1) / 2 )) q v
+    q=$(printf '%s\n' "${qs[@]}" | sort -n | sed -n "${mid}p")
+    v=$(printf '%s\n' "${vs[@]}" | sort -n | sed -n "${mid}p")
     set -- $q $v
     printf '%-46s %8.4f %8.4f %6.2f | %7.3f %7.3f %6.2f\n' "$name" "$1" "$3" \
         "$(echo "$3 / $1" | bc -l)" "$2" "$4" "$(echo "($4 + 0.0005) / ($2 + 0.0005)" | bc -l)"
@@ -75,10 +81,10 @@ row "create -o preallocation=metadata 200G" "rm -f m200.qcow2" create -q -f qcow
 REP=5
 row "check m200.qcow2 (3.2M clusters)" ":" check m200.qcow2
 REP=1
-row "convert -O raw full4g.qcow2 (4G allocated)" "rm -f out.raw" convert -O raw full4g.qcow2 out.raw
-row "convert -O qcow2 full4g.raw" "rm -f out.qcow2" convert -f raw -O qcow2 full4g.raw out.qcow2
-row "convert -O raw img.qcow2 (sparse)" "rm -f out.raw" convert -O raw img.qcow2 out.raw
-row "convert -c -O qcow2 text1g.raw (zlib)" "rm -f out.qcow2" convert -c -f raw -O qcow2 text1g.raw out.qcow2
-row "convert -c zstd text1g.raw" "rm -f out.qcow2" convert -c -f raw -O qcow2 -o compression_type=zstd text1g.raw out.qcow2
+row "convert -O raw full4g.qcow2 (4G allocated)" "rm -f out.raw; sync" convert -O raw full4g.qcow2 out.raw
+row "convert -O qcow2 full4g.raw" "rm -f out.qcow2; sync" convert -f raw -O qcow2 full4g.raw out.qcow2
+row "convert -O raw img.qcow2 (sparse)" "rm -f out.raw; sync" convert -O raw img.qcow2 out.raw
+row "convert -c -O qcow2 text1g.raw (zlib)" "rm -f out.qcow2; sync" convert -c -f raw -O qcow2 text1g.raw out.qcow2
+row "convert -c zstd text1g.raw" "rm -f out.qcow2; sync" convert -c -f raw -O qcow2 -o compression_type=zstd text1g.raw out.qcow2
 row "compare -f raw -F qcow2 src.raw img.qcow2" ":" compare -f raw -F qcow2 src.raw img.qcow2
 rm -f out.raw out.qcow2 m200.qcow2

@@ -1285,3 +1285,152 @@ fn readme_runbook_matches_qemu_img() {
     let v = run_in(&e.p().join("v"), &vimg(), &["resize", "r.img", "+1M"]);
     assert_eq!((q.rc, q.stdout, q.stderr), (v.rc, v.stdout, v.stderr));
 }
+
+/// The allocation map of an image as qemu-img sees it, without host
+/// offsets (layouts of qcow2 files differ; what is allocated must not).
+fn alloc_map(e: &Env, img: &str) -> String {
+    let o = e.q(&["map", "--output=json", img]);
+    assert_eq!(o.rc, 0, "qemu-img map {img}: {}", o.stderr);
+    o.stdout
+        .lines()
+        .map(|l| match l.find(", \"offset\"") {
+            Some(i) => format!("{}}}", &l[..i]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// convert's file-to-file fast path (data extents copied with
+/// copy_file_range, zero blocks found through a mapping) leaves the same
+/// allocation as qemu-img: zero data blocks become holes (raw) or
+/// unallocated clusters (qcow2), partial clusters at extent edges and at
+/// the end are kept; compare finds the same first mismatch in mapped data.
+#[test]
+fn convert_fast_path_allocation_and_compare_match_qemu_img() {
+    let Some(e) = Env::new() else { return };
+    // 3 MiB + 1.5 KiB: data, a 64 KiB zero cluster written as data, a
+    // 4 KiB zero block inside data, a hole, data up to an unaligned end.
+    assert_eq!(
+        e.q(&["create", "-q", "-f", "raw", "z.raw", "3147264"]).rc,
+        0
+    );
+    e.io(
+        "z.raw",
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0 256k 64k",
+            "write -P 0 324k 4k",
+            "write -P 0x22 2M 1M",
+            "write -P 0x33 3M 1536",
+        ],
+    );
+    let m = alloc_map(&e, "z.raw");
+    assert!(m.contains("\"zero\": true"), "{m}");
+    // Sources: the raw file, qcow2 made by qemu-img with 512-byte clusters
+    // (extents not aligned to the target's clusters), with a backing file
+    // (data from two layers), and compressed.
+    assert_eq!(
+        e.q(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-S",
+            "0",
+            "-o",
+            "cluster_size=512",
+            "z.raw",
+            "z512.qcow2"
+        ])
+        .rc,
+        0
+    );
+    assert_eq!(
+        e.q(&["convert", "-f", "raw", "-O", "qcow2", "-S", "0", "z.raw", "zb.qcow2"])
+            .rc,
+        0
+    );
+    assert_eq!(
+        e.q(&["create", "-q", "-f", "qcow2", "-b", "zb.qcow2", "-F", "qcow2", "zo.qcow2"])
+            .rc,
+        0
+    );
+    e.io("zo.qcow2", &["write -P 0x44 60k 8k", "write -P 0 2M 64k"]);
+    assert_eq!(
+        e.q(&["convert", "-c", "-f", "raw", "-O", "qcow2", "z.raw", "zc.qcow2"])
+            .rc,
+        0
+    );
+    for src in ["z.raw", "z512.qcow2", "zo.qcow2", "zc.qcow2"] {
+        for (i, extra) in [
+            &["-O", "raw"][..],
+            &["-O", "raw", "-S", "64k"],
+            &["-O", "qcow2"],
+            &["-O", "qcow2", "-o", "cluster_size=4k"],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (qo, vo) = (format!("q{i}-{src}"), format!("v{i}-{src}"));
+            for (out, vimg_run) in [(&qo, false), (&vo, true)] {
+                let mut a = vec!["convert"];
+                a.extend_from_slice(extra);
+                a.push(src);
+                a.push(out);
+                let r = if vimg_run { e.v(&a) } else { e.q(&a) };
+                assert_eq!(r.rc, 0, "{a:?} (vimg: {vimg_run}): {}", r.stderr);
+            }
+            e.identical(src, &vo);
+            if extra.contains(&"qcow2") {
+                e.check_clean(&vo);
+            }
+            assert_eq!(
+                alloc_map(&e, &qo),
+                alloc_map(&e, &vo),
+                "allocation after convert {extra:?} {src}"
+            );
+        }
+    }
+    // compare through mappings: first mismatch in data, data against
+    // zeroes, past a hole.
+    std::fs::copy(e.p().join("z.raw"), e.p().join("y.raw")).unwrap();
+    e.same(&["compare", "-f", "raw", "-F", "qcow2", "y.raw", "zb.qcow2"]);
+    e.io("y.raw", &["write -P 0x55 2500001 1"]);
+    e.same(&["compare", "-f", "raw", "-F", "qcow2", "y.raw", "zb.qcow2"]);
+    e.same(&["compare", "-f", "raw", "-F", "qcow2", "y.raw", "z512.qcow2"]);
+    e.io("y.raw", &["write -P 0x55 326000 1"]);
+    e.same(&["compare", "-F", "raw", "zo.qcow2", "y.raw"]);
+    e.same(&["compare", "-f", "raw", "y.raw", "zc.qcow2"]);
+}
+
+/// `-o` lists are checked and split as qemu-img does: `Invalid option
+/// list` for empty lists, a leading comma or an odd trailing one; no
+/// escapes in names; `noflag` means `flag=off`.
+#[test]
+fn option_lists_match_qemu_img() {
+    let Some(e) = Env::new() else { return };
+    assert_eq!(e.q(&["create", "-q", "-f", "qcow2", "s.qcow2", "1M"]).rc, 0);
+    for o in [
+        ",cluster_size=4k",
+        "cluster_size=4k,",
+        "",
+        ",,",
+        "nolazy_refcounts",
+        "lazy_refcounts",
+        "nocow",
+        "a,,b=1",
+        "=on",
+    ] {
+        let _ = std::fs::remove_file(e.p().join("x.qcow2"));
+        e.same(&["create", "-f", "qcow2", "-o", o, "x.qcow2", "1M"]);
+        let _ = std::fs::remove_file(e.p().join("x.qcow2"));
+        e.same(&["amend", "-o", o, "s.qcow2"]);
+        e.check_clean("s.qcow2");
+    }
+    for o in [",cluster_size=4k", "cluster_size=4k,", ""] {
+        e.same(&["convert", "-O", "qcow2", "-o", o, "s.qcow2", "y.qcow2"]);
+        e.same(&["measure", "-O", "qcow2", "-o", o, "--size", "1G"]);
+    }
+}

@@ -255,6 +255,13 @@ fn output_json(o: &Option<String>, cmd: &str) -> R<bool> {
 }
 
 fn dispatch(cmd: Cmd) -> R<i32> {
+    match &cmd {
+        Cmd::Create { opts, .. }
+        | Cmd::Convert { opts, .. }
+        | Cmd::Amend { opts, .. }
+        | Cmd::Measure { opts, .. } => crate::common::check_option_lists(opts)?,
+        _ => {}
+    }
     match cmd {
         Cmd::Create {
             fmt,

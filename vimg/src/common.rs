@@ -45,35 +45,59 @@ pub fn open_error_text(e: &Error) -> String {
     }
 }
 
-/// Parse a QEMU option string `a=b,c=d` (`,,` is a literal comma).
+/// Parse a QEMU option list as QEMU's `opts_do_parse` does: a name runs to
+/// the first `=` or `,` (no escapes in names); a value runs to the first
+/// single `,` (`,,` is a literal comma); a bare `name` is `name=on` and a
+/// bare `noname` is `name=off`.
 pub fn parse_opts(s: &str) -> Vec<(String, String)> {
+    let b = s.as_bytes();
     let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    let mut parts = Vec::new();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
+    let mut p = 0;
+    while p < b.len() {
+        let len = b[p..]
+            .iter()
+            .position(|&c| c == b'=' || c == b',')
+            .unwrap_or(b.len() - p);
+        let name = String::from_utf8_lossy(&b[p..p + len]).into_owned();
+        p += len;
+        if b.get(p) == Some(&b'=') {
+            p += 1;
+            let mut v = Vec::new();
+            while p < b.len() {
+                if b[p] == b',' {
+                    if b.get(p + 1) == Some(&b',') {
+                        v.push(b',');
+                        p += 2;
+                        continue;
+                    }
+                    break;
+                }
+                v.push(b[p]);
+                p += 1;
             }
+            out.push((name, String::from_utf8_lossy(&v).into_owned()));
+        } else if let Some(n) = name.strip_prefix("no") {
+            out.push((n.to_string(), "off".to_string()));
         } else {
-            cur.push(c);
+            out.push((name, "on".to_string()));
         }
-    }
-    parts.push(cur);
-    for p in parts {
-        if p.is_empty() {
-            continue;
-        }
-        match p.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => out.push((p.clone(), "on".to_string())),
+        if b.get(p) == Some(&b',') {
+            p += 1;
         }
     }
     out
+}
+
+/// qemu-img's check of each `-o` argument (`is_valid_option_list`): not
+/// empty, not starting with a comma, not ending with an odd number of them.
+pub fn check_option_lists(lists: &[String]) -> R<()> {
+    for s in lists {
+        let trailing = s.len() - s.trim_end_matches(',').len();
+        if s.is_empty() || s.starts_with(',') || trailing % 2 == 1 {
+            return Err(fail(format!("Invalid option list: {s}")));
+        }
+    }
+    Ok(())
 }
 
 /// Parse an image size argument like qemu-img (exact value, no rounding).
@@ -108,4 +132,50 @@ pub fn warn_probed_raw(file: &str) {
     eprintln!(
         "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn option_lists_parse_like_qemu() {
+        assert_eq!(
+            parse_opts("cluster_size=4k,lazy_refcounts,backing_file=a,,b.img,nofoo"),
+            kv(&[
+                ("cluster_size", "4k"),
+                ("lazy_refcounts", "on"),
+                ("backing_file", "a,b.img"),
+                ("foo", "off")
+            ])
+        );
+        // No escapes in names: `a,,b=1` is the flag `a`, an empty flag, b=1.
+        assert_eq!(
+            parse_opts("a,,b=1"),
+            kv(&[("a", "on"), ("", "on"), ("b", "1")])
+        );
+        assert_eq!(parse_opts("=on"), kv(&[("", "on")]));
+        assert_eq!(parse_opts("x=,y"), kv(&[("x", ""), ("y", "on")]));
+        assert!(parse_opts("").is_empty());
+    }
+
+    #[test]
+    fn option_list_validity_like_qemu_img() {
+        for ok in ["a=1", "a=1,,", "a=x,,,,", "lazy_refcounts"] {
+            assert!(check_option_lists(&[ok.to_string()]).is_ok(), "{ok}");
+        }
+        for bad in ["", ",a=1", "a=1,", "a=1,,,", ",,"] {
+            let e = check_option_lists(&["a=1".to_string(), bad.to_string()]).unwrap_err();
+            assert_eq!(
+                e.msg.as_deref(),
+                Some(format!("Invalid option list: {bad}").as_str())
+            );
+        }
+    }
 }

@@ -1,10 +1,43 @@
 //! `vimg compare [-s] A B`: 0 identical, 1 different, 2 error (qemu-img's
 //! messages; mismatches are reported at 512-byte granularity).
 
-use crate::map::{is_zero_range, open_chain, read_chain, status, Layer};
+use crate::fastcopy::{is_zero, Mapped, WINDOW};
+use crate::map::{is_zero_range, open_chain, plain_extent, read_chain, status, Entry, Layer};
 use vcore::image::Format;
 
-const CHUNK: usize = 256 << 10;
+const CHUNK: usize = 2 << 20;
+
+/// Index of the first differing byte.
+fn first_diff(x: &[u8], y: &[u8]) -> Option<usize> {
+    const B: usize = 4096;
+    let mut i = 0;
+    while i < x.len() {
+        let e = (i + B).min(x.len());
+        if x[i..e] != y[i..e] {
+            return x[i..e]
+                .iter()
+                .zip(&y[i..e])
+                .position(|(p, q)| p != q)
+                .map(|k| i + k);
+        }
+        i = e;
+    }
+    None
+}
+
+/// Index of the first non-zero byte.
+fn first_nonzero(x: &[u8]) -> Option<usize> {
+    const B: usize = 4096;
+    let mut i = 0;
+    while i < x.len() {
+        let e = (i + B).min(x.len());
+        if !is_zero(&x[i..e]) {
+            return x[i..e].iter().position(|&p| p != 0).map(|k| i + k);
+        }
+        i = e;
+    }
+    None
+}
 
 fn fmt_arg(file: &str, f: Option<&str>) -> Result<Option<Format>, String> {
     match f {
@@ -50,48 +83,92 @@ pub fn run(
     }
     let mut b1 = vec![0u8; CHUNK];
     let mut b2 = vec![0u8; CHUNK];
+    // Block status of each side, valid over [start, start + length).
+    let mut ea: Option<Entry> = None;
+    let mut eb: Option<Entry> = None;
     let mut off = 0u64;
     while off < common {
-        let mut n = (common - off).min(CHUNK as u64) as usize;
-        // Follow block status: skip where both sides read as zeroes, and
-        // read only up to the next change of state.
-        if let (Ok(ea), Ok(eb)) = (status(&mut a, off, n as u64), status(&mut b, off, n as u64)) {
-            let run = ea.length.min(eb.length).clamp(1, n as u64);
-            if ea.zero && eb.zero {
-                off += run;
-                continue;
+        let max = (common - off).min(1 << 30);
+        for (e, l, name) in [(&mut ea, &mut a, f1), (&mut eb, &mut b, f2)] {
+            if e.as_ref().is_none_or(|e| e.start + e.length <= off) {
+                *e = match status(l, off, max) {
+                    Ok(x) => Some(Entry {
+                        length: x.length.clamp(1, max),
+                        ..x
+                    }),
+                    Err(f) => {
+                        eprintln!(
+                            "vimg: Error while reading offset {off} of {name}: {}",
+                            f.msg.unwrap_or_default()
+                        );
+                        return 2;
+                    }
+                };
             }
-            if ea.zero || eb.zero {
-                n = run as usize;
+        }
+        let (Some(xa), Some(xb)) = (&ea, &eb) else {
+            return 2;
+        };
+        let run = (xa.start + xa.length).min(xb.start + xb.length) - off;
+        if xa.zero && xb.zero {
+            off += run;
+            continue;
+        }
+        let mut n = run.min(WINDOW);
+        // Data extents are compared through mappings of the files (no
+        // copy); anything else is read into a buffer.
+        let map = |e: &Entry, l: &[Layer], n: u64| -> Option<Mapped> {
+            let (f, h) = plain_extent(l, e)?;
+            Mapped::new(f, h + (off - e.start), n).filter(|m| m.bytes().len() as u64 == n)
+        };
+        let (ma, mb) = (map(xa, &a, n), map(xb, &b, n));
+        let need_a = !xa.zero && ma.is_none();
+        let need_b = !xb.zero && mb.is_none();
+        if need_a || need_b {
+            n = n.min(CHUNK as u64);
+        }
+        let nu = n as usize;
+        if need_a {
+            if let Err(e) = read_chain(&mut a, off, &mut b1[..nu]) {
+                eprintln!(
+                    "vimg: Error while reading offset {off} of {f1}: {}",
+                    e.msg.unwrap_or_default()
+                );
+                return 2;
             }
         }
-        if let Err(e) = read_chain(&mut a, off, &mut b1[..n]) {
-            eprintln!(
-                "vimg: Error while reading offset {off} of {f1}: {}",
-                e.msg.unwrap_or_default()
-            );
-            return 2;
+        if need_b {
+            if let Err(e) = read_chain(&mut b, off, &mut b2[..nu]) {
+                eprintln!(
+                    "vimg: Error while reading offset {off} of {f2}: {}",
+                    e.msg.unwrap_or_default()
+                );
+                return 2;
+            }
         }
-        if let Err(e) = read_chain(&mut b, off, &mut b2[..n]) {
-            eprintln!(
-                "vimg: Error while reading offset {off} of {f2}: {}",
-                e.msg.unwrap_or_default()
-            );
-            return 2;
-        }
-        if b1[..n] != b2[..n] {
-            let i = b1[..n]
-                .iter()
-                .zip(&b2[..n])
-                .position(|(x, y)| x != y)
-                .unwrap_or(0) as u64;
+        let da: Option<&[u8]> = match (&ma, xa.zero) {
+            (_, true) => None,
+            (Some(m), _) => Some(&m.bytes()[..nu]),
+            (None, _) => Some(&b1[..nu]),
+        };
+        let db: Option<&[u8]> = match (&mb, xb.zero) {
+            (_, true) => None,
+            (Some(m), _) => Some(&m.bytes()[..nu]),
+            (None, _) => Some(&b2[..nu]),
+        };
+        let diff = match (da, db) {
+            (Some(x), Some(y)) => first_diff(x, y),
+            (Some(x), None) | (None, Some(x)) => first_nonzero(x),
+            (None, None) => None,
+        };
+        if let Some(i) = diff {
             say(format!(
                 "Content mismatch at offset {}!",
-                (off + i) / 512 * 512
+                (off + i as u64) / 512 * 512
             ));
             return 1;
         }
-        off += n as u64;
+        off += n;
     }
     if s1 != s2 {
         if strict {

@@ -2,9 +2,12 @@
 //! raw or qcow2 image, flattening backing chains (`-B` keeps one), sparse by
 //! default (`-S`), with progress (`-p`).
 
-use crate::common::{fail, parse_opts, R};
-use crate::map::{is_zero_range, open_chain, read_chain, status, Layer};
+use crate::common::{fail, parse_opts, Failure, R};
+use crate::fastcopy::{is_zero, nonzero_runs, runs, Mapped, Pool, WINDOW};
+use crate::map::{is_zero_range, open_chain, plain_extent, read_chain, status, Layer};
+use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vcore::image::qcow2::Qcow2Device;
 use vcore::image::raw::RawDevice;
@@ -106,6 +109,16 @@ pub fn run(a: ConvertArgs) -> R<()> {
     };
     let tfile = image::open_file(Path::new(dst), &oopts)
         .map_err(|e| fail(crate::common::open_error_text(&e)))?;
+    if out_fmt == Format::Raw && !a.no_create && a.backing.is_none() && sparse != 0 {
+        if a.progress {
+            progress(0.0);
+        }
+        fast_raw(&mut sources, &tfile, sparse, total, a.progress)?;
+        if a.progress {
+            println!("    (100.00/100%)");
+        }
+        return Ok(());
+    }
     let target: Box<dyn BlockDevice> = match out_fmt {
         Format::Raw => Box::new(
             RawDevice::from_file(tfile, false)
@@ -203,26 +216,15 @@ pub fn run(a: ConvertArgs) -> R<()> {
             let have_backing = bbuf.is_some();
             // Walk blocks of `sparse` bytes (or the whole chunk with -S 0).
             let blk = if sparse == 0 { n } else { sparse as usize };
-            let skip = |i: usize| -> bool {
-                let e = (i + blk).min(n);
+            let keep = |i: usize, e: usize| -> bool {
                 match &bbuf {
-                    Some(b) => buf[i..e] == b[i..e],
-                    None => sparse != 0 && fresh && buf[i..e].iter().all(|&b| b == 0),
+                    Some(b) => buf[i..e] != b[i..e],
+                    None => sparse == 0 || !fresh || !is_zero(&buf[i..e]),
                 }
             };
-            let mut i = 0usize;
-            while i < n {
-                if skip(i) {
-                    i += blk;
-                    continue;
-                }
-                let start = i;
-                while i < n && !skip(i) {
-                    i += blk;
-                }
-                let end = i.min(n);
+            for (start, end) in runs(n, blk, keep) {
                 let at = at0 + start as u64;
-                if !fresh && !have_backing && buf[start..end].iter().all(|&b| b == 0) {
+                if !fresh && !have_backing && is_zero(&buf[start..end]) {
                     target
                         .write_zeroes(at, (end - start) as u64)
                         .map_err(|e| fail(format!("error while writing at byte {at}: {e}")))?;
@@ -300,6 +302,16 @@ fn convert_seq(
     if a.progress {
         progress(0.0);
     }
+    if !a.compress && backing.is_none() && sparse != 0 {
+        fast_qcow2(&mut w, sources, total, a.progress)
+            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+        w.finish(false)
+            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+        if a.progress {
+            println!("    (100.00/100%)");
+        }
+        return Ok(());
+    }
     let mut last_pct = -1i64;
     // Reader thread: (guest offset, data, backing data).
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<(u64, Vec<u8>, Option<Vec<u8>>)>>(2);
@@ -364,7 +376,7 @@ fn convert_seq(
                         let s = i * cs as usize;
                         **c != b[s..s + c.len()]
                     }
-                    None => sparse == 0 || c.iter().any(|&x| x != 0),
+                    None => sparse == 0 || !is_zero(c),
                 })
                 .collect();
             let comp: Vec<Option<Vec<u8>>> = if a.compress {
@@ -438,4 +450,168 @@ fn convert_seq(
         println!("    (100.00/100%)");
     }
     Ok(())
+}
+
+/// Workers for the copies of the fast paths: at least 4 copies in flight
+/// (qemu-img keeps 8 requests in flight on its thread pool), one per CPU
+/// on bigger hosts, at most 8.
+fn copy_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(4, 8)
+}
+
+/// Progress printing by whole percent.
+struct Progress {
+    on: bool,
+    total: u64,
+    last: i64,
+}
+
+impl Progress {
+    fn at(&mut self, done: u64) {
+        if self.on && self.total > 0 {
+            let done = done.min(self.total);
+            let pct = (done * 100 / self.total) as i64;
+            if pct != self.last {
+                self.last = pct;
+                progress(done as f64 * 100.0 / self.total as f64);
+            }
+        }
+    }
+}
+
+fn read_err(at: u64, f: Failure) -> Failure {
+    fail(format!(
+        "error while reading at byte {at}: {}",
+        f.msg.unwrap_or_default()
+    ))
+}
+
+fn write_err((at, e): (u64, std::io::Error)) -> Failure {
+    fail(format!(
+        "error while writing at byte {at}: {}",
+        vcore::image::qcow2::os_msg(&e)
+    ))
+}
+
+/// Convert into a fresh raw file (sparse, no backing): zero extents are
+/// skipped, data extents scanned for zero blocks of `sparse` bytes through
+/// a mapping and copied file to file by worker threads; anything else
+/// (compressed clusters) is read, scanned and written here.
+fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, show: bool) -> R<()> {
+    let blk = sparse as usize;
+    let mut prog = Progress {
+        on: show,
+        total,
+        last: -1,
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    std::thread::scope(|sc| -> R<()> {
+        let pool = Pool::new(sc, copy_threads());
+        let mut base = 0u64;
+        for src in sources.iter_mut() {
+            let size = src[0].size();
+            let mut off = 0u64;
+            while off < size {
+                let max = (size - off).min(WINDOW);
+                let e = status(src, off, max).map_err(|f| read_err(off, f))?;
+                let mut n = e.length.clamp(1, max);
+                if !e.zero {
+                    let mapped = plain_extent(src, &e)
+                        .and_then(|(f, h)| Mapped::new(f, h, n).map(|m| (f, h, m)));
+                    if let Some((f, h, m)) = mapped {
+                        for (a, b) in nonzero_runs(m.bytes(), blk) {
+                            pool.copy(f, h + a as u64, dst, base + off + a as u64, (b - a) as u64)
+                                .map_err(write_err)?;
+                        }
+                    } else {
+                        n = n.min(CHUNK);
+                        buf.resize(n as usize, 0);
+                        read_chain(src, off, &mut buf).map_err(|f| read_err(off, f))?;
+                        for (a, b) in nonzero_runs(&buf, blk) {
+                            let at = base + off + a as u64;
+                            dst.write_all_at(&buf[a..b], at)
+                                .map_err(|e| write_err((at, e)))?;
+                        }
+                    }
+                }
+                off += n;
+                prog.at(base + off);
+            }
+            base += size;
+        }
+        pool.finish().map_err(write_err)
+    })
+}
+
+/// Convert into a fresh qcow2 image (uncompressed, sparse, no backing):
+/// whole target clusters inside one plain data extent of the source are
+/// scanned for zero clusters through a mapping, the non-zero runs get
+/// consecutive host clusters and are copied file to file by worker
+/// threads; zero extents are skipped; clusters that straddle extents or
+/// hold compressed data are read and written here.
+fn fast_qcow2(
+    w: &mut vcore::image::qcow2::writer::SeqWriter,
+    sources: &mut [Vec<Layer>],
+    total: u64,
+    show: bool,
+) -> Result<(), String> {
+    let cs = w.header().cluster_size();
+    let out = w.file().try_clone().map_err(|e| e.to_string())?;
+    let mut prog = Progress {
+        on: show,
+        total,
+        last: -1,
+    };
+    let mut buf = vec![0u8; cs as usize];
+    let msg = |f: Failure| f.msg.unwrap_or_default();
+    let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
+    std::thread::scope(|sc| -> Result<(), String> {
+        let pool = Pool::new(sc, copy_threads());
+        let mut base = 0u64;
+        for src in sources.iter_mut() {
+            let size = src[0].size();
+            let mut off = 0u64;
+            // `off` (and `base`) stay cluster aligned.
+            while off < size {
+                let max = (size - off).min(WINDOW);
+                let e = status(src, off, max).map_err(msg)?;
+                let whole = e.length.min(max) / cs * cs;
+                if whole > 0 && e.zero {
+                    off += whole;
+                    prog.at(base + off);
+                    continue;
+                }
+                if whole > 0 {
+                    if let Some((f, h)) = plain_extent(src, &e) {
+                        if let Some(m) = Mapped::new(f, h, whole) {
+                            let gc0 = (base + off) / cs;
+                            for (a, b) in nonzero_runs(m.bytes(), cs as usize) {
+                                let n = ((b - a) as u64).div_ceil(cs);
+                                let host = w.reserve_clusters(gc0 + a as u64 / cs, n)?;
+                                pool.copy(f, h + a as u64, &out, host, (b - a) as u64)
+                                    .map_err(werr)?;
+                            }
+                            off += whole;
+                            prog.at(base + off);
+                            continue;
+                        }
+                    }
+                }
+                // One cluster the slow way.
+                let n = (size - off).min(cs) as usize;
+                buf.fill(0);
+                read_chain(src, off, &mut buf[..n]).map_err(msg)?;
+                if !is_zero(&buf[..n]) {
+                    w.write_cluster((base + off) / cs, &buf[..n])?;
+                }
+                off += cs;
+                prog.at(base + off);
+            }
+            base += size;
+        }
+        pool.finish().map_err(werr)
+    })
 }

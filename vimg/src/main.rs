@@ -7,6 +7,7 @@ mod compare;
 mod compress;
 mod convert;
 mod create;
+mod fastcopy;
 mod info;
 mod map;
 mod qjson;

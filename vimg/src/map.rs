@@ -379,6 +379,19 @@ fn seek(f: &File, off: u64, whence: i32) -> std::io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
+/// The file and host offset of a plain (uncompressed, non-zero) data
+/// extent found by [`status`]: its bytes can be used straight from the file.
+pub fn plain_extent<'a>(layers: &'a [Layer], e: &Entry) -> Option<(&'a File, u64)> {
+    if e.zero || !e.data || e.compressed {
+        return None;
+    }
+    let h = e.offset?;
+    match layers.get(e.layer)? {
+        Layer::Raw { dev, .. } => Some((dev.file(), h)),
+        Layer::Qcow2 { m, .. } => Some((m.file(), h)),
+    }
+}
+
 /// Whether `[off, off+len)` reads as zeroes according to block status
 /// (without reading data).
 pub fn is_zero_range(layers: &mut [Layer], off: u64, len: u64) -> R<bool> {
