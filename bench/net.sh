@@ -30,7 +30,7 @@
 #
 # Usage: bench/net.sh [COUNT] [GCOUNT]  (defaults 500000 frames for part 1,
 #        200000 for the guests)
-# Env: RUNS (3: best of), QEMU (qemu-system-x86_64)
+# Env: RUNS (3: best of), QEMU (qemu-system-x86_64), PARTS (123: which parts)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 count=${1:-500000}
@@ -66,6 +66,32 @@ inns sh -c 'echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6;
             echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6'
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
+# Seconds between the guest's "go" and "done" lines of a VMM's output.
+timed() {
+    local t0="" l
+    { "$@" 2>/dev/null || true; } | while IFS= read -r l; do
+        l=${l%$'\r'}
+        case $l in
+        *go) t0=$EPOCHREALTIME ;;
+        done) [ -n "$t0" ] && awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.4f\n", b-a}' ;;
+        esac
+    done
+}
+# Interleaved runs (vmrun, QEMU, vmrun, ...) so both see the same host
+# load; the lowest time of each. Sets sv and sq.
+compare() { # CMDLINE
+    local s
+    sv=""; sq=""
+    for _ in $(seq "$runs"); do
+        s=$(timed run_vmrun "$1")
+        [ -z "$s" ] && echo "bench/net.sh: vmrun \"$1\" gave no timing" >&2
+        if [ -n "$s" ] && { [ -z "$sv" ] || awk "BEGIN{exit !($s < $sv)}"; }; then sv=$s; fi
+        [ -z "$qemu" ] && continue
+        s=$(timed run_qemu "$1")
+        [ -z "$s" ] && echo "bench/net.sh: qemu \"$1\" gave no timing" >&2
+        if [ -n "$s" ] && { [ -z "$sq" ] || awk "BEGIN{exit !($s < $sq)}"; }; then sq=$s; fi
+    done
+}
 # An interface with a default route: passt copies its addresses from it.
 inns ip link set lo up
 inns ip link add pb0 type veth peer name pb1
@@ -74,6 +100,8 @@ inns ip link set pb0 up
 inns ip link set pb1 up
 inns ip route add default via 10.99.0.1
 
+parts=${PARTS:-123}
+if [[ $parts == *1* ]]; then
 echo "== part 1: vmrun's virtio-net device path over a tap (no guest), best of $runs"
 printf '%-8s %6s %10s %12s %9s  %s\n' mode size frames frames/s Gbit/s notes
 modes=("tx 64" "tx 1514" "tso 0" "rx 64" "rx 1514")
@@ -92,6 +120,9 @@ for m in "${modes[@]}"; do
         "$(echo "$line" | field frames)" "$best" "$(echo "$line" | field gbit)" "$notes"
 done
 
+fi
+
+if [[ $parts == *2* ]]; then
 echo
 if command -v "$qemu" >/dev/null; then
     echo "== part 2: tiny guest, vmrun vs QEMU $($qemu --version | head -1 | awk '{print $4}') (-netdev tap,vhost=off), best of $runs"
@@ -102,17 +133,6 @@ fi
 inns ip tuntap add dev gbt0 mode tap vnet_hdr
 inns ip link set gbt0 up
 
-# Seconds between the guest's "go" and "done" lines of a VMM's output.
-timed() {
-    local t0="" l
-    { "$@" 2>/dev/null || true; } | while IFS= read -r l; do
-        l=${l%$'\r'}
-        case $l in
-        *go) t0=$EPOCHREALTIME ;;
-        done) [ -n "$t0" ] && awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.4f\n", b-a}' ;;
-        esac
-    done
-}
 run_vmrun() {
     inns timeout 300 "$vmrun" -m 64 -kernel "$dir/netbench.elf" -append "$1" \
         -netdev tap,id=n0,ifname=gbt0,script=no,downscript=no -device virtio-net-pci,netdev=n0
@@ -122,21 +142,6 @@ run_qemu() {
         -nographic -no-reboot -device isa-debug-exit,iobase=0x501,iosize=1 \
         -netdev tap,id=n0,ifname=gbt0,script=no,downscript=no,vhost=off \
         -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile=
-}
-# Interleaved runs (vmrun, QEMU, vmrun, ...) so both see the same host
-# load; the lowest time of each. Sets sv and sq.
-compare() { # CMDLINE
-    local s
-    sv=""; sq=""
-    for _ in $(seq "$runs"); do
-        s=$(timed run_vmrun "$1")
-        [ -z "$s" ] && echo "bench/net.sh: vmrun \"$1\" gave no timing" >&2
-        if [ -n "$s" ] && { [ -z "$sv" ] || awk "BEGIN{exit !($s < $sv)}"; }; then sv=$s; fi
-        [ -z "$qemu" ] && continue
-        s=$(timed run_qemu "$1")
-        [ -z "$s" ] && echo "bench/net.sh: qemu \"$1\" gave no timing" >&2
-        if [ -n "$s" ] && { [ -z "$sq" ] || awk "BEGIN{exit !($s < $sq)}"; }; then sq=$s; fi
-    done
 }
 printf '%-4s %6s %10s %14s %14s %7s\n' dir size frames vmrun_fps qemu_fps ratio
 for m in "t 64" "t 1514" "r 64" "r 1514"; do
@@ -156,7 +161,9 @@ for m in "t 64" "t 1514" "r 64" "r 1514"; do
         printf "%-4s %6s %10d %14.0f %14.0f %7s\n", (d == "t" ? "tx" : "rx"), z, n, fv, fq,
             (fq > 0 ? sprintf("%.2f", fv / fq) : "-") }'
 done
+fi
 
+[[ $parts == *3* ]] || exit 0
 echo
 # Part 3: the passt backend (user mode), the same tiny guest under vmrun
 # (-netdev stream: vmrun's -netdev user backend without starting passt itself)
@@ -169,13 +176,15 @@ if ! command -v passt >/dev/null; then
     exit 0
 fi
 echo "== part 3: tiny guest over passt, vmrun vs QEMU (-netdev stream), best of $runs"
-sock=$dir/passt.sock
+# passt drops to nobody: its socket and log go where nobody may write.
+sock=/tmp/vtnetbench$$.sock
+plog=/tmp/vtnetbench$$.passt.log
 passt_up() {
     rm -f "$sock"
     inns passt --foreground --one-off --quiet --socket "$sock" --udp-ports 5555 \
-        --log-file "$dir/passt.log" >/dev/null 2>&1 &
+        --log-file "$plog" >/dev/null 2>&1 &
     for _ in $(seq 50); do [ -S "$sock" ] && return; sleep 0.1; done
-    echo "bench/net.sh: passt did not start (see $dir/passt.log)" >&2
+    echo "bench/net.sh: passt did not start (see $plog)" >&2
 }
 run_vmrun() {
     passt_up
