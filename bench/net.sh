@@ -58,7 +58,9 @@ ip netns add "$ns"
 gen=""
 cleanup() {
     [ -n "$gen" ] && kill -- "-$gen" 2>/dev/null && wait "$gen" 2>/dev/null
-    ip netns del "$ns"
+    pkill -f "vtnetbench$$" 2>/dev/null || true
+    rm -f "/tmp/vtnetbench$$.sock" "/tmp/vtnetbench$$.passt.log"
+    ip netns del "$ns" || true
 }
 trap cleanup EXIT
 inns() { ip netns exec "$ns" "$@"; }
