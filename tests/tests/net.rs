@@ -161,7 +161,7 @@ impl Drop for Netns {
     fn drop(&mut self) {
         for c in &mut self.children {
             // SAFETY: kill(2) on our child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         }
         std::thread::sleep(Duration::from_millis(300));
         for c in &mut self.children {
