@@ -1433,4 +1433,16 @@ fn option_lists_match_qemu_img() {
         e.same(&["convert", "-O", "qcow2", "-o", o, "s.qcow2", "y.qcow2"]);
         e.same(&["measure", "-O", "qcow2", "-o", o, "--size", "1G"]);
     }
+    // measure takes the format's and the file protocol's options only.
+    for (fmt, o) in [
+        ("qcow2", "foo=bar"),
+        ("raw", "foo=bar"),
+        ("raw", "cluster_size=64k"),
+        ("raw", "preallocation=full"),
+        ("raw", "nocow=on"),
+        ("qcow2", "nocow=on,extent_size_hint=1M"),
+        ("qcow2", "lazy_refcounts=on,cluster_size=64k"),
+    ] {
+        e.same(&["measure", "-O", fmt, "-o", o, "--size", "1G"]);
+    }
 }

@@ -208,6 +208,34 @@ pub fn run_measure(a: MeasureArgs) -> R<()> {
     let out_fmt =
         Format::from_name(&out).ok_or_else(|| fail(format!("Unknown file format '{out}'")))?;
     let opts = parse_opts(&a.opts.join(","));
+    // What the format's create options and the file protocol's accept, as
+    // qemu-img checks them.
+    for (k, _) in &opts {
+        let file_opt = matches!(
+            k.as_str(),
+            "size" | "preallocation" | "nocow" | "extent_size_hint"
+        );
+        let qcow2_opt = matches!(
+            k.as_str(),
+            "compat"
+                | "backing_file"
+                | "backing_fmt"
+                | "encryption"
+                | "cluster_size"
+                | "lazy_refcounts"
+                | "refcount_bits"
+                | "compression_type"
+                | "extended_l2"
+                | "data_file"
+                | "data_file_raw"
+        ) || k.starts_with("encrypt.");
+        let accepted = file_opt || (out_fmt == Format::Qcow2 && qcow2_opt);
+        if !accepted {
+            return Err(fail(format!(
+                "Invalid parameter '{k}'\nvimg: Invalid options for file format '{out}'"
+            )));
+        }
+    }
     let get = |k: &str| {
         opts.iter()
             .rev()
