@@ -1433,6 +1433,11 @@ fn option_lists_match_qemu_img() {
         e.same(&["convert", "-O", "qcow2", "-o", o, "s.qcow2", "y.qcow2"]);
         e.same(&["measure", "-O", "qcow2", "-o", o, "--size", "1G"]);
     }
+    // amend's option help, with and without an image.
+    e.same(&["amend", "-o", "help", "s.qcow2"]);
+    e.same(&["amend", "-o", "?", "s.qcow2"]);
+    e.same(&["amend", "-f", "qcow2", "-o", "help"]);
+    e.same(&["amend", "-o", "help"]);
     // measure takes the format's and the file protocol's options only.
     for (fmt, o) in [
         ("qcow2", "foo=bar"),

@@ -220,7 +220,7 @@ pub enum Cmd {
         opts: Vec<String>,
         #[arg(short = 'q')]
         quiet: bool,
-        file: String,
+        file: Option<String>,
     },
     /// Space needed for an image: vimg measure [--output human|json] [-O fmt] [-o opts] (--size N | [-f fmt] FILE)
     #[command(
@@ -406,7 +406,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             opts,
             quiet,
             file,
-        } => crate::snapshot::run_amend(&file, fmt.as_deref(), &opts, quiet).map(|_| 0),
+        } => crate::snapshot::run_amend(file.as_deref(), fmt.as_deref(), &opts, quiet).map(|_| 0),
         Cmd::Measure {
             out_fmt,
             opts,

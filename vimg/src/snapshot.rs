@@ -105,19 +105,50 @@ pub fn run_snapshot(file: &str, fmt: Option<&str>, action: Action, force_share: 
     }
 }
 
-/// Run `amend -o ...`.
-pub fn run_amend(file: &str, fmt: Option<&str>, opts: &[String], quiet: bool) -> R<()> {
+/// qemu-img's `amend -o help` list for qcow2.
+const QCOW2_AMEND_HELP: &str = "Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+";
+
+/// Run `amend`.
+pub fn run_amend(file: Option<&str>, fmt: Option<&str>, opts: &[String], quiet: bool) -> R<()> {
     let _ = quiet;
     if opts.is_empty() {
         return Err(fail(
             "Must specify options (-o)\nTry 'vimg amend --help' for more info",
         ));
     }
+    let help = parse_opts(&opts.join(","))
+        .iter()
+        .any(|(k, _)| k == "help" || k == "?");
+    let Some(file) = file else {
+        if help && fmt == Some("qcow2") {
+            print!("{QCOW2_AMEND_HELP}");
+            return Ok(());
+        }
+        return Err(fail("Expecting one image file name"));
+    };
     let (f, format) = open_qcow2(file, fmt, true, false)?;
     if format == Format::Raw {
         return Err(fail(
             "Format driver 'raw' does not support option amendment",
         ));
+    }
+    if help {
+        print!("{QCOW2_AMEND_HELP}");
+        return Ok(());
     }
     let mut v3 = None;
     let mut lazy = None;
