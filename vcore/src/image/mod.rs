@@ -266,6 +266,22 @@ mod tests {
 
     fn assert_send_sync<T: Send + Sync + ?Sized>() {}
 
+    /// Open for writing right after the last handle was dropped. Other
+    /// tests of this process fork children (passt, scripts); between fork
+    /// and exec a child holds a copy of every open fd, and with it the
+    /// image's OFD lock, for a moment: wait that out.
+    fn reopen(p: &std::path::Path) -> Box<dyn BlockDevice> {
+        let t = std::time::Instant::now();
+        loop {
+            match open(p, &OpenOptions::default()) {
+                Err(Error::Locked { .. }) if t.elapsed().as_secs() < 5 => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                r => return r.unwrap(),
+            }
+        }
+    }
+
     fn exercise(dev: &dyn BlockDevice) {
         let size = dev.size();
         assert_eq!(size, 4 << 20);
@@ -327,7 +343,7 @@ mod tests {
             drop(dev);
             // Concurrent use from threads.
             drop(r);
-            let dev: Arc<dyn BlockDevice> = Arc::from(open(p, &OpenOptions::default()).unwrap());
+            let dev: Arc<dyn BlockDevice> = Arc::from(reopen(p));
             let hs: Vec<_> = (0..4u8)
                 .map(|t| {
                     let d = Arc::clone(&dev);
