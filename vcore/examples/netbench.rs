@@ -162,27 +162,24 @@ fn report(mode: &str, size: usize, frames: u64, secs: f64, extra: &str) {
     );
 }
 
-fn tx(a: &Args, tap: Arc<Tap>, mem: &GuestMemoryMmap, tso: bool) -> Result<(), String> {
-    let acked = F_VERSION_1 | F_MRG_RXBUF | F_CSUM | F_HOST_TSO4;
-    let mut h = NetHandler::new(tap, acked);
+/// Keep a 256-entry TX ring full of `frame` (with its header) until the
+/// device has used `count` of them: (frames, seconds).
+fn drive_tx(
+    mem: &GuestMemoryMmap,
+    h: &mut NetHandler,
+    frame: &[u8],
+    count: u64,
+) -> Result<(u64, f64), String> {
     let mut ring = DriverRing::new(mem, RING, QSIZE)?;
     let mut q = ring.queue();
-    let frame = if tso {
-        tso_frame()
-    } else {
-        let mut f = vec![0u8; HDR_LEN];
-        f.extend(eth_frame(a.size));
-        f
-    };
     for i in 0..u64::from(QSIZE) {
-        mem.write_slice(&frame, GuestAddress(BUFS + i * SLOT))
+        mem.write_slice(frame, GuestAddress(BUFS + i * SLOT))
             .map_err(|e| e.to_string())?;
     }
-    let (rx0, drop0) = (stat(&a.ifname, "rx_packets"), stat(&a.ifname, "rx_dropped"));
     let start = Instant::now();
     let (mut posted, mut done) = (0u64, 0u64);
-    while done < a.count {
-        while ring.free() > 0 && posted < a.count {
+    while done < count {
+        while ring.free() > 0 && posted < count {
             let b = Buf {
                 addr: BUFS + (posted % u64::from(QSIZE)) * SLOT,
                 len: frame.len() as u32,
@@ -191,12 +188,85 @@ fn tx(a: &Args, tap: Arc<Tap>, mem: &GuestMemoryMmap, tso: bool) -> Result<(), S
             ring.add(mem, &[b]).ok_or("ring full")?;
             posted += 1;
         }
-        serve(TXQ, &mut q, mem, &mut h, None).map_err(|m| m.0)?;
+        serve(TXQ, &mut q, mem, h, None).map_err(|m| m.0)?;
         while ring.used(mem).is_some() {
             done += 1;
         }
     }
-    let secs = start.elapsed().as_secs_f64();
+    Ok((done, start.elapsed().as_secs_f64()))
+}
+
+/// Post 256 mergeable 1536-byte RX buffers and repost each as the device
+/// fills it, serving whenever the backend's `fd` polls readable, until
+/// `count` frames arrived or the backend stays idle after `done()`:
+/// (frames, seconds from the first to the last frame).
+fn drive_rx(
+    mem: &GuestMemoryMmap,
+    h: &mut NetHandler,
+    fd: std::os::fd::RawFd,
+    count: u64,
+    done: impl Fn() -> bool,
+) -> Result<(u64, f64), String> {
+    let mut ring = DriverRing::new(mem, RING, QSIZE)?;
+    let mut q = ring.queue();
+    let post = |ring: &mut DriverRing, i: u64| {
+        ring.add(
+            mem,
+            &[Buf {
+                addr: BUFS + (i % u64::from(QSIZE)) * 0x800,
+                len: 1536,
+                write: true,
+            }],
+        )
+        .ok_or("ring full")
+    };
+    for i in 0..u64::from(QSIZE) {
+        post(&mut ring, i)?;
+    }
+    let (mut got, mut reposted) = (0u64, u64::from(QSIZE));
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, 300) };
+        if r == 0 && done() {
+            break;
+        }
+        serve(RXQ, &mut q, mem, h, None).map_err(|m| m.0)?;
+        let before = got;
+        while ring.used(mem).is_some() {
+            got += 1;
+            post(&mut ring, reposted)?;
+            reposted += 1;
+        }
+        if got > before {
+            first.get_or_insert_with(Instant::now);
+            last = Instant::now();
+        }
+        if got >= count {
+            break;
+        }
+    }
+    Ok((got, first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0)))
+}
+
+fn tx(a: &Args, tap: Arc<Tap>, mem: &GuestMemoryMmap, tso: bool) -> Result<(), String> {
+    let acked = F_VERSION_1 | F_MRG_RXBUF | F_CSUM | F_HOST_TSO4;
+    let mut h = NetHandler::new(tap, acked);
+    let frame = if tso {
+        tso_frame()
+    } else {
+        let mut f = vec![0u8; HDR_LEN];
+        f.extend(eth_frame(a.size));
+        f
+    };
+    let (rx0, drop0) = (stat(&a.ifname, "rx_packets"), stat(&a.ifname, "rx_dropped"));
+    let (done, secs) = drive_tx(mem, &mut h, &frame, a.count)?;
     let took = stat(&a.ifname, "rx_packets") - rx0;
     let dropped = stat(&a.ifname, "rx_dropped") - drop0;
     let size = frame.len() - HDR_LEN;
@@ -255,21 +325,6 @@ fn packet_socket(ifname: &str) -> Result<OwnedFd, String> {
 fn rx(a: &Args, tap: Arc<Tap>, mem: &GuestMemoryMmap) -> Result<(), String> {
     let acked = F_VERSION_1 | F_MRG_RXBUF;
     let mut h = NetHandler::new(tap.clone(), acked);
-    let mut ring = DriverRing::new(mem, RING, QSIZE)?;
-    let mut q = ring.queue();
-    let post = |ring: &mut DriverRing, i: u64| {
-        ring.add(
-            mem,
-            &[Buf {
-                addr: BUFS + (i % u64::from(QSIZE)) * 0x800,
-                len: 1536,
-                write: true,
-            }],
-        )
-    };
-    for i in 0..u64::from(QSIZE) {
-        post(&mut ring, i).ok_or("ring full")?;
-    }
     let sock = packet_socket(&a.ifname)?;
     let frame = eth_frame(a.size);
     let stop = Arc::new(AtomicBool::new(false));
@@ -290,39 +345,10 @@ fn rx(a: &Args, tap: Arc<Tap>, mem: &GuestMemoryMmap) -> Result<(), String> {
         t.elapsed().as_secs_f64()
     });
     let fd = tap.fd().ok_or("tap has no fd")?;
-    let (mut got, mut reposted) = (0u64, u64::from(QSIZE));
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
-    loop {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, 300) };
-        if r == 0 && generator.is_finished() {
-            break;
-        }
-        serve(RXQ, &mut q, mem, &mut h, None).map_err(|m| m.0)?;
-        let before = got;
-        while ring.used(mem).is_some() {
-            got += 1;
-            post(&mut ring, reposted).ok_or("ring full")?;
-            reposted += 1;
-        }
-        if got > before {
-            first.get_or_insert_with(Instant::now);
-            last = Instant::now();
-        }
-        if got >= a.count {
-            break;
-        }
-    }
+    let (got, secs) = drive_rx(mem, &mut h, fd, a.count, || generator.is_finished())?;
     stop.store(true, Ordering::Relaxed);
     let gsecs = generator.join().map_err(|_| "generator panicked")?;
     let sent = sent.load(Ordering::SeqCst);
-    let secs = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
     let dropped = stat(&a.ifname, "tx_dropped") - tap_drop0;
     report(
         "rx",
@@ -423,14 +449,8 @@ fn passt_tx(a: &Args, mem: &GuestMemoryMmap) -> Result<(), String> {
     let passt = Arc::new(Passt::start("bench", &PasstConfig::default())?);
     let acked = F_VERSION_1 | F_MRG_RXBUF;
     let mut h = NetHandler::new(passt, acked);
-    let mut ring = DriverRing::new(mem, RING, QSIZE)?;
-    let mut q = ring.queue();
     let mut frame = vec![0u8; HDR_LEN];
     frame.extend(udp_frame(a.size, src, gw, 5001));
-    for i in 0..u64::from(QSIZE) {
-        mem.write_slice(&frame, GuestAddress(BUFS + i * SLOT))
-            .map_err(|e| e.to_string())?;
-    }
     let got = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (got2, stop2) = (got.clone(), stop.clone());
@@ -443,23 +463,7 @@ fn passt_tx(a: &Args, mem: &GuestMemoryMmap) -> Result<(), String> {
         }
     });
     let start = Instant::now();
-    let (mut posted, mut done) = (0u64, 0u64);
-    while done < a.count {
-        while ring.free() > 0 && posted < a.count {
-            let b = Buf {
-                addr: BUFS + (posted % u64::from(QSIZE)) * SLOT,
-                len: frame.len() as u32,
-                write: false,
-            };
-            ring.add(mem, &[b]).ok_or("ring full")?;
-            posted += 1;
-        }
-        serve(TXQ, &mut q, mem, &mut h, None).map_err(|m| m.0)?;
-        while ring.used(mem).is_some() {
-            done += 1;
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
+    let (done, secs) = drive_tx(mem, &mut h, &frame, a.count)?;
     // Let passt finish what it has read, then count.
     let mut last = got.load(Ordering::Relaxed);
     loop {
@@ -500,21 +504,6 @@ fn passt_rx(a: &Args, mem: &GuestMemoryMmap) -> Result<(), String> {
     let mut hello = vec![0u8; HDR_LEN];
     hello.extend(udp_frame(60, src, gw, 9));
     vcore::net::Backend::send(passt.as_ref(), &hello).map_err(|e| e.to_string())?;
-    let mut ring = DriverRing::new(mem, RING, QSIZE)?;
-    let mut q = ring.queue();
-    let post = |ring: &mut DriverRing, i: u64| {
-        ring.add(
-            mem,
-            &[Buf {
-                addr: BUFS + (i % u64::from(QSIZE)) * 0x800,
-                len: 1536,
-                write: true,
-            }],
-        )
-    };
-    for i in 0..u64::from(QSIZE) {
-        post(&mut ring, i).ok_or("ring full")?;
-    }
     let payload = vec![0x5au8; a.size.saturating_sub(42).max(1)];
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
@@ -533,39 +522,10 @@ fn passt_rx(a: &Args, mem: &GuestMemoryMmap) -> Result<(), String> {
         t.elapsed().as_secs_f64()
     });
     let fd = vcore::net::Backend::fd(passt.as_ref()).ok_or("passt has no fd")?;
-    let (mut got, mut reposted) = (0u64, u64::from(QSIZE));
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
-    loop {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, 300) };
-        if r == 0 && generator.is_finished() {
-            break;
-        }
-        serve(RXQ, &mut q, mem, &mut h, None).map_err(|m| m.0)?;
-        let before = got;
-        while ring.used(mem).is_some() {
-            got += 1;
-            post(&mut ring, reposted).ok_or("ring full")?;
-            reposted += 1;
-        }
-        if got > before {
-            first.get_or_insert_with(Instant::now);
-            last = Instant::now();
-        }
-        if got >= a.count {
-            break;
-        }
-    }
+    let (got, secs) = drive_rx(mem, &mut h, fd, a.count, || generator.is_finished())?;
     stop.store(true, Ordering::Relaxed);
     let gsecs = generator.join().map_err(|_| "generator panicked")?;
     let sent = sent.load(Ordering::SeqCst);
-    let secs = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
     report(
         "passt-rx",
         a.size.max(42),
