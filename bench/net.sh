@@ -94,6 +94,27 @@ compare() { # CMDLINE
         if [ -n "$s" ] && { [ -z "$sq" ] || awk "BEGIN{exit !($s < $sq)}"; }; then sq=$s; fi
     done
 }
+# A table of tiny-guest rows, vmrun vs QEMU: "t SIZE" transmits, "r SIZE"
+# receives what `start_gen SIZE` (defined by each part) sends.
+guest_table() {
+    local d z cmd
+    printf '%-4s %6s %10s %14s %14s %7s\n' dir size frames vmrun_fps qemu_fps ratio
+    for m in "$@"; do
+        read -r d z <<<"$m"
+        if [ "$d" = t ]; then
+            cmd="t $z $gcount"
+        else
+            cmd="r $gcount"
+            start_gen "$z"
+        fi
+        compare "$cmd"
+        if [ -n "$gen" ]; then kill -- "-$gen"; wait "$gen" 2>/dev/null || true; gen=""; fi
+        awk -v d="$d" -v z="$z" -v n="$gcount" -v a="${sv:-0}" -v b="${sq:-0}" 'BEGIN{
+            fv = a > 0 ? n / a : 0; fq = b > 0 ? n / b : 0
+            printf "%-4s %6s %10d %14.0f %14.0f %7s\n", (d == "t" ? "tx" : "rx"), z, n, fv, fq,
+                (fq > 0 ? sprintf("%.2f", fv / fq) : "-") }'
+    done
+}
 # An interface with a default route: passt copies its addresses from it.
 inns ip link set lo up
 inns ip link add pb0 type veth peer name pb1
@@ -145,24 +166,12 @@ run_qemu() {
         -netdev tap,id=n0,ifname=gbt0,script=no,downscript=no,vhost=off \
         -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile=
 }
-printf '%-4s %6s %10s %14s %14s %7s\n' dir size frames vmrun_fps qemu_fps ratio
-for m in "t 64" "t 1514" "r 64" "r 1514"; do
-    set -- $m
-    if [ "$1" = t ]; then
-        cmd="t $2 $gcount"
-    else
-        cmd="r $gcount"
-        # Its own process group: `ip netns exec` forks, so kill the group.
-        setsid ip netns exec "$ns" "$nb" gen -i gbt0 -s "$2" -c 0 2>/dev/null &
-        gen=$!
-    fi
-    compare "$cmd"
-    if [ -n "$gen" ]; then kill -- "-$gen"; wait "$gen" 2>/dev/null || true; gen=""; fi
-    awk -v d="$1" -v z="$2" -v n="$gcount" -v a="${sv:-0}" -v b="${sq:-0}" 'BEGIN{
-        fv = a > 0 ? n / a : 0; fq = b > 0 ? n / b : 0
-        printf "%-4s %6s %10d %14.0f %14.0f %7s\n", (d == "t" ? "tx" : "rx"), z, n, fv, fq,
-            (fq > 0 ? sprintf("%.2f", fv / fq) : "-") }'
-done
+# Receive rows take their frames from a generator on the host.
+start_gen() { # SIZE; its own process group: `ip netns exec` forks, so kill the group.
+    setsid ip netns exec "$ns" "$nb" gen -i gbt0 -s "$1" -c 0 2>/dev/null &
+    gen=$!
+}
+guest_table "t 64" "t 1514" "r 64" "r 1514"
 fi
 
 [[ $parts == *3* ]] || exit 0
@@ -200,27 +209,15 @@ run_qemu() {
         -netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$sock" \
         -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile=
 }
-printf '%-4s %6s %10s %14s %14s %7s\n' dir size frames vmrun_fps qemu_fps ratio
-for m in "t 64" "t 1514" "r 64" "r 1400"; do
-    set -- $m
-    if [ "$1" = t ]; then
-        cmd="t $2 $gcount"
-    else
-        cmd="r $gcount"
-        setsid ip netns exec "$ns" python3 -c '
+start_gen() { # SIZE: UDP datagrams into passt's forwarded port, as fast as it goes
+    setsid ip netns exec "$ns" python3 -c '
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 p = b"x" * (int(sys.argv[1]) - 42)
 while True:
     try: s.sendto(p, ("127.0.0.1", 5555))
     except OSError: pass
-' "$2" 2>/dev/null &
-        gen=$!
-    fi
-    compare "$cmd"
-    if [ -n "$gen" ]; then kill -- "-$gen"; wait "$gen" 2>/dev/null || true; gen=""; fi
-    awk -v d="$1" -v z="$2" -v n="$gcount" -v a="${sv:-0}" -v b="${sq:-0}" 'BEGIN{
-        fv = a > 0 ? n / a : 0; fq = b > 0 ? n / b : 0
-        printf "%-4s %6s %10d %14.0f %14.0f %7s\n", (d == "t" ? "tx" : "rx"), z, n, fv, fq,
-            (fq > 0 ? sprintf("%.2f", fv / fq) : "-") }'
-done
+' "$1" 2>/dev/null &
+    gen=$!
+}
+guest_table "t 64" "t 1514" "r 64" "r 1400"
