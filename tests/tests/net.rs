@@ -98,11 +98,6 @@ fn missing_passt_is_a_clear_error() {
     );
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn tool(names: &[&str]) -> Option<PathBuf> {
     for n in names {
         for d in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"] {
@@ -176,7 +171,7 @@ impl Drop for Netns {
 
 #[test]
 fn bridge_that_does_not_exist_is_named() {
-    if !is_root() || !Path::new("/dev/net/tun").exists() {
+    if !e2e::is_root() || !Path::new("/dev/net/tun").exists() {
         eprintln!("SKIP: needs root and /dev/net/tun");
         return;
     }
@@ -204,7 +199,7 @@ fn bridge_that_does_not_exist_is_named() {
 
 #[test]
 fn tap_without_privileges_says_what_is_needed() {
-    if !is_root() || tool(&["setpriv"]).is_none() {
+    if !e2e::is_root() || tool(&["setpriv"]).is_none() {
         eprintln!("SKIP: needs root and setpriv to run vmrun as nobody");
         return;
     }
@@ -377,7 +372,7 @@ fn bridge_tap_nat_and_user_modes_with_real_guests() {
         return;
     }
     let Some(dir) = e2e::guest_dir() else { return };
-    if !is_root() || !Path::new("/dev/net/tun").exists() {
+    if !e2e::is_root() || !Path::new("/dev/net/tun").exists() {
         eprintln!("SKIP: needs root and /dev/net/tun");
         return;
     }

@@ -16,11 +16,6 @@ use std::time::{Duration, Instant};
 
 use e2e::bin;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// A network namespace, deleted on drop.
 struct Netns {
     name: String,
@@ -208,7 +203,7 @@ fn tiny_guest_drives_virtio_net_through_a_tap_and_survives_bad_buffers() {
     if !e2e::kvm_available() {
         return;
     }
-    if !is_root() || !std::path::Path::new("/dev/net/tun").exists() {
+    if !e2e::is_root() || !std::path::Path::new("/dev/net/tun").exists() {
         eprintln!("SKIP: needs root and /dev/net/tun");
         return;
     }

@@ -634,8 +634,7 @@ fn map_hugetlbfs_file(path: &Path, len: usize) -> Mapping {
 
 #[test]
 fn live_pool_mount_map_restore() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !e2e::is_root() {
         eprintln!("skipping live_pool_mount_map_restore: needs root");
         return;
     }

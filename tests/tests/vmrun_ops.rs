@@ -289,8 +289,7 @@ fn hugepage_backed_guest_takes_and_returns_the_pool() {
     if !kvm_available() {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new(NR).exists() {
+    if !e2e::is_root() || !Path::new(NR).exists() {
         eprintln!("SKIP: needs root and 2 MiB hugepages");
         return;
     }
