@@ -31,6 +31,13 @@ puthex:
         push %ecx
         push %eax
         mov $8, %ecx
+        jmp 1f
+/* puthex2: write AL as 2 hex digits. */
+puthex2:
+        push %ecx
+        push %eax
+        shl $24, %eax
+        mov $2, %ecx
 1:      rol $4, %eax
         push %eax
         and $0xf, %al

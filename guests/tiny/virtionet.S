@@ -232,26 +232,6 @@ fail:   movzbl %al, %eax
 nl:     mov $'\n', %al
         jmp putc
 
-/* puthex2: write AL as 2 hex digits. */
-puthex2:
-        push %eax
-        push %ecx
-        shl $24, %eax
-        mov $2, %ecx
-1:      rol $4, %eax
-        push %eax
-        and $0xf, %al
-        add $'0', %al
-        cmp $'9', %al
-        jbe 2f
-        add $('a' - '0' - 10), %al
-2:      call putc
-        pop %eax
-        loop 1b
-        pop %ecx
-        pop %eax
-        ret
-
 /* init: reset the device, negotiate FEATS, set up RX (0) and TX (1). */
 init:   mov $RXDESC, %edi
         mov $(0x13000/4), %ecx
