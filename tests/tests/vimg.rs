@@ -865,20 +865,26 @@ fn locking_like_qemu() {
         .current_dir(e.p())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the locks are held.
+    // Wait until the locks are held (up to 30 s: the other tests load the
+    // host).
     let mut held = false;
-    for _ in 0..100 {
+    for _ in 0..300 {
         let o = e.q(&["info", "l.qcow2"]);
         if o.rc != 0 {
             held = true;
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("qemu-io ended ({st}) before it locked the image: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(held, "qemu-io did not lock the image");
+    assert!(held, "qemu-io did not lock the image within 30 s");
     e.same(&["info", "l.qcow2"]);
     e.same(&["info", "-U", "l.qcow2"]);
     e.same(&["check", "l.qcow2"]);

@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, Failure, R};
-use crate::fastcopy::{is_zero, nonzero_runs, runs, Mapped, Pool, WINDOW};
+use crate::fastcopy::{file_runs, is_zero, nonzero_runs, runs, Pool, WINDOW};
 use crate::map::{is_zero_range, open_chain, plain_extent, read_chain, status, Layer};
 use std::fs::File;
 use std::io::Write;
@@ -452,14 +452,14 @@ fn convert_seq(
     Ok(())
 }
 
-/// Workers for the copies of the fast paths: at least 4 copies in flight
-/// (qemu-img keeps 8 requests in flight on its thread pool), one per CPU
-/// on bigger hosts, at most 8.
+/// Threads preparing target ranges ahead of the fast paths' copier: one
+/// per CPU, at least 2 (page allocation is most of a buffered write's
+/// cost, and it runs in parallel there), at most 8.
 fn copy_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .clamp(4, 8)
+        .clamp(2, 8)
 }
 
 /// Progress printing by whole percent.
@@ -519,10 +519,14 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, sho
                 let e = status(src, off, max).map_err(|f| read_err(off, f))?;
                 let mut n = e.length.clamp(1, max);
                 if !e.zero {
-                    let mapped = plain_extent(src, &e)
-                        .and_then(|(f, h)| Mapped::new(f, h, n).map(|m| (f, h, m)));
-                    if let Some((f, h, m)) = mapped {
-                        for (a, b) in nonzero_runs(m.bytes(), blk) {
+                    if let Some((f, h)) = plain_extent(src, &e) {
+                        let found = file_runs(f, h, n, blk, &mut buf).map_err(|e| {
+                            fail(format!(
+                                "error while reading at byte {off}: {}",
+                                vcore::image::qcow2::os_msg(&e)
+                            ))
+                        })?;
+                        for (a, b) in found {
                             pool.copy(f, h + a as u64, dst, base + off + a as u64, (b - a) as u64)
                                 .map_err(write_err)?;
                         }
@@ -566,6 +570,7 @@ fn fast_qcow2(
         last: -1,
     };
     let mut buf = vec![0u8; cs as usize];
+    let mut probe = Vec::new();
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
     std::thread::scope(|sc| -> Result<(), String> {
@@ -586,18 +591,18 @@ fn fast_qcow2(
                 }
                 if whole > 0 {
                     if let Some((f, h)) = plain_extent(src, &e) {
-                        if let Some(m) = Mapped::new(f, h, whole) {
-                            let gc0 = (base + off) / cs;
-                            for (a, b) in nonzero_runs(m.bytes(), cs as usize) {
-                                let n = ((b - a) as u64).div_ceil(cs);
-                                let host = w.reserve_clusters(gc0 + a as u64 / cs, n)?;
-                                pool.copy(f, h + a as u64, &out, host, (b - a) as u64)
-                                    .map_err(werr)?;
-                            }
-                            off += whole;
-                            prog.at(base + off);
-                            continue;
+                        let gc0 = (base + off) / cs;
+                        let found = file_runs(f, h, whole, cs as usize, &mut probe)
+                            .map_err(|e| vcore::image::qcow2::os_msg(&e))?;
+                        for (a, b) in found {
+                            let n = ((b - a) as u64).div_ceil(cs);
+                            let host = w.reserve_clusters(gc0 + a as u64 / cs, n)?;
+                            pool.copy(f, h + a as u64, &out, host, (b - a) as u64)
+                                .map_err(werr)?;
                         }
+                        off += whole;
+                        prog.at(base + off);
+                        continue;
                     }
                 }
                 // One cluster the slow way.

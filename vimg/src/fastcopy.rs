@@ -1,14 +1,17 @@
 //! Fast data path of `convert` into a fresh target: data extents of the
 //! source (contiguous host ranges found through block status) are scanned
-//! for zero blocks through a read-only `mmap` of the source file (no copy)
-//! and the non-zero runs are copied file to file with `copy_file_range`
-//! (one copy, inside the kernel, instead of `pread` + `pwrite`'s two) by a
-//! pool of worker threads, each at its final offset. Falls back to
+//! for zero blocks with `pread` (probing large blocks), and the non-zero
+//! runs are copied file to file with `copy_file_range` (one copy, inside
+//! the kernel, instead of `pread` + `pwrite`'s two), each at its final
+//! offset. Buffered writes to one file are serialized by its inode lock,
+//! so one thread copies while a pool of threads prepares the target
+//! ranges ahead of it (allocation and page cache). Falls back to
 //! `pread`/`pwrite` where `copy_file_range` is not supported (other file
 //! systems on old kernels, block devices).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -65,6 +68,95 @@ pub fn runs(
 /// Runs of `data` made of blocks of `blk` bytes that are not all zeroes.
 pub fn nonzero_runs(data: &[u8], blk: usize) -> Vec<(usize, usize)> {
     runs(data.len(), blk, |i, e| !is_zero(&data[i..e]))
+}
+
+/// Bytes read first from each block of [`file_runs`]'s probing mode.
+const PROBE: usize = 4096;
+
+/// Read at `at` into `buf` until it is full or the file ends; the number
+/// of bytes read.
+fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Whether the `n` bytes of `f` at `at` hold data: read a probe first,
+/// then the rest, a buffer at a time, while all read is zero.
+fn has_data(f: &File, at: u64, n: usize, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut done = 0;
+    let mut step = PROBE.min(buf.len());
+    while done < n {
+        let k = (n - done).min(step);
+        let got = read_full_at(f, &mut buf[..k], at + done as u64)?;
+        if !is_zero(&buf[..got]) {
+            return Ok(true);
+        }
+        if got < k {
+            return Ok(false);
+        }
+        done += k;
+        step = buf.len();
+    }
+    Ok(false)
+}
+
+/// [`nonzero_runs`] of the `len` bytes of `f` at `off`, read with `pread`
+/// (a file that shrinks meanwhile reads short instead of faulting, as a
+/// mapping would). Blocks of 32 KiB and more are probed: data is usually
+/// told by a block's first 4 KiB, and only blocks that start with zeroes
+/// are read further. Smaller blocks are read 1 MiB at a time. Bytes past
+/// the file's end count as zeroes and are not part of any run.
+pub fn file_runs(
+    f: &File,
+    off: u64,
+    len: u64,
+    blk: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Vec<(usize, usize)>> {
+    let blk = blk.max(1);
+    let len = len.min(f.metadata()?.len().saturating_sub(off));
+    if blk >= 32 << 10 {
+        buf.resize(64 << 10, 0);
+        let mut err = None;
+        let out = runs(len as usize, blk, |i, e| {
+            err.is_none()
+                && has_data(f, off + i as u64, e - i, buf).unwrap_or_else(|x| {
+                    err = Some(x);
+                    false
+                })
+        });
+        return match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        };
+    }
+    let step = ((1 << 20) / blk).max(1) * blk;
+    buf.resize(step, 0);
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let mut at = 0usize;
+    while (at as u64) < len {
+        let k = (len - at as u64).min(step as u64) as usize;
+        let got = read_full_at(f, &mut buf[..k], off + at as u64)?;
+        for (a, b) in nonzero_runs(&buf[..got], blk) {
+            match out.last_mut() {
+                Some(r) if r.1 == at + a => r.1 = at + b,
+                _ => out.push((at + a, at + b)),
+            }
+        }
+        if got < k {
+            break;
+        }
+        at += k;
+    }
+    Ok(out)
 }
 
 /// A read-only shared mapping of part of a file.
@@ -143,20 +235,6 @@ struct Job {
 /// Copy a range file to file. Bytes past the source's end are left
 /// unwritten (the fresh target reads them as zeroes).
 fn copy_range(j: Job, buf: &mut Vec<u8>, use_cfr: &mut bool) -> std::io::Result<()> {
-    // Allocate the target range first (as QEMU's qcow2 driver does for new
-    // clusters): one extent allocation instead of delayed allocation page
-    // by page, which makes the copy markedly cheaper on ext4. Errors (file
-    // systems without fallocate) are harmless; the file size is left to
-    // the copy.
-    // SAFETY: plain syscall on an open descriptor with integer arguments.
-    unsafe {
-        libc::fallocate(
-            j.dst,
-            libc::FALLOC_FL_KEEP_SIZE,
-            j.dst_off as libc::off_t,
-            j.len as libc::off_t,
-        )
-    };
     let mut done = 0u64;
     while done < j.len && *use_cfr {
         let mut so = (j.src_off + done) as libc::loff_t;
@@ -234,35 +312,74 @@ fn copy_range(j: Job, buf: &mut Vec<u8>, use_cfr: &mut bool) -> std::io::Result<
     Ok(())
 }
 
-/// Worker threads executing copies; the first error stops everything.
+/// Make the target range's page cache ready before the copy writes it:
+/// extend the file over the range with `fallocate` (one extent
+/// allocation instead of delayed allocation page by page, as QEMU's qcow2
+/// driver does for new clusters) and `readahead` it, which fills the page
+/// cache with zeroed pages (the range is unwritten) without taking the
+/// inode lock. Buffered writes to one file are serialized by that lock, so
+/// doing the page allocation here, on several threads, leaves the one
+/// writer only the copy itself. Errors (file systems without fallocate,
+/// block devices) only lose the optimization.
+fn warm(j: &Job) {
+    // SAFETY: plain syscalls on an open descriptor with integer arguments.
+    unsafe {
+        if libc::fallocate(j.dst, 0, j.dst_off as libc::off_t, j.len as libc::off_t) == 0 {
+            libc::readahead(j.dst, j.dst_off as libc::off64_t, j.len as usize);
+        }
+    }
+}
+
+/// The first error of a pool: target offset and error.
+type Failed = Arc<Mutex<Option<(u64, std::io::Error)>>>;
+
+/// Copies in two stages: `warmers` threads prepare the target ranges
+/// (see [`warm`]), in parallel, and hand them to one copier thread, which
+/// is all a file's buffered writes could use at once. The first error
+/// stops everything.
 pub struct Pool<'s> {
     tx: Option<SyncSender<Job>>,
     workers: Vec<std::thread::ScopedJoinHandle<'s, ()>>,
     failed: Arc<AtomicBool>,
-    err: Arc<Mutex<Option<(u64, std::io::Error)>>>,
+    err: Failed,
 }
 
 impl<'s> Pool<'s> {
-    /// Start `threads` workers in `scope`.
-    pub fn new<'e>(scope: &'s std::thread::Scope<'s, 'e>, threads: usize) -> Pool<'s> {
-        let (tx, rx) = sync_channel::<Job>(threads * 2);
+    /// Start `warmers` preparing threads and the copier in `scope`.
+    pub fn new<'e>(scope: &'s std::thread::Scope<'s, 'e>, warmers: usize) -> Pool<'s> {
+        let warmers = warmers.max(1);
+        let (tx, rx) = sync_channel::<Job>(warmers * 2);
+        let (ctx, crx) = sync_channel::<Job>(warmers * 2);
         let rx: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(rx));
         let failed = Arc::new(AtomicBool::new(false));
-        let err = Arc::new(Mutex::new(None));
+        let err: Failed = Arc::new(Mutex::new(None));
         let mut workers = Vec::new();
-        for _ in 0..threads.max(1) {
+        for _ in 0..warmers {
             let rx = rx.clone();
+            let ctx = ctx.clone();
+            let failed = failed.clone();
+            workers.push(scope.spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(r) => r.recv(),
+                    Err(_) => return,
+                };
+                let Ok(job) = job else { return };
+                if !failed.load(Ordering::Relaxed) {
+                    warm(&job);
+                }
+                if ctx.send(job).is_err() {
+                    return;
+                }
+            }));
+        }
+        drop(ctx);
+        {
             let failed = failed.clone();
             let err = err.clone();
             workers.push(scope.spawn(move || {
                 let mut buf = Vec::new();
                 let mut use_cfr = true;
-                loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else { return };
+                for job in crx {
                     if failed.load(Ordering::Relaxed) {
                         continue;
                     }
@@ -340,7 +457,6 @@ impl<'s> Pool<'s> {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::unix::fs::FileExt;
 
     fn tmp(name: &str, data: &[u8]) -> (std::path::PathBuf, File) {
         let p = std::env::temp_dir().join(format!("vimg-fastcopy-{}-{name}", std::process::id()));
@@ -383,6 +499,40 @@ mod tests {
         );
         assert_eq!(nonzero_runs(&b, 4096), vec![(0, 5220)]);
         assert!(nonzero_runs(&vec![0u8; 9000], 4096).is_empty());
+    }
+
+    #[test]
+    fn file_runs_match_the_bytes_in_both_modes_and_stop_at_the_end() {
+        // 40 blocks of 64 KiB: data at a block's start, at its very end
+        // (past the probe), none, and a short data tail at EOF.
+        let bs = 64 << 10;
+        let mut data = vec![0u8; 40 * bs + 1000];
+        data[0] = 1;
+        data[3 * bs + bs - 1] = 2;
+        data[4 * bs + 5000] = 3;
+        data[20 * bs + 4096] = 4;
+        data[40 * bs + 999] = 5;
+        let (p, f) = tmp("runs", &data);
+        let mut buf = Vec::new();
+        for blk in [bs, 32 << 10, 4096, 512] {
+            let want = nonzero_runs(&data, blk);
+            assert_eq!(
+                file_runs(&f, 0, data.len() as u64, blk, &mut buf).unwrap(),
+                want
+            );
+            // Asked past the end: the same runs.
+            assert_eq!(file_runs(&f, 0, 1 << 30, blk, &mut buf).unwrap(), want);
+            // From an offset.
+            let want: Vec<_> = nonzero_runs(&data[bs..], blk);
+            assert_eq!(
+                file_runs(&f, bs as u64, (data.len() - bs) as u64, blk, &mut buf).unwrap(),
+                want
+            );
+        }
+        assert!(file_runs(&f, 1 << 30, 4096, 4096, &mut buf)
+            .unwrap()
+            .is_empty());
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]
