@@ -452,15 +452,8 @@ fn convert_seq(
     Ok(())
 }
 
-/// Threads preparing target ranges ahead of the fast paths' copier: one
-/// per CPU, at least 2 (page allocation is most of a buffered write's
-/// cost, and it runs in parallel there), at most 8.
-fn copy_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(2, 8)
-}
+/// Threads allocating target ranges ahead of the fast paths' copier.
+const PREPARERS: usize = 2;
 
 /// Progress printing by whole percent.
 struct Progress {
@@ -509,7 +502,7 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, sho
     };
     let mut buf: Vec<u8> = Vec::new();
     std::thread::scope(|sc| -> R<()> {
-        let pool = Pool::new(sc, copy_threads());
+        let pool = Pool::new(sc, PREPARERS);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -574,7 +567,7 @@ fn fast_qcow2(
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
     std::thread::scope(|sc| -> Result<(), String> {
-        let pool = Pool::new(sc, copy_threads());
+        let pool = Pool::new(sc, PREPARERS);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
