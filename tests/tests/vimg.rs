@@ -1528,4 +1528,37 @@ fn option_lists_match_qemu_img() {
     ] {
         e.same(&["measure", "-O", fmt, "-o", o, "--size", "1G"]);
     }
+    // Bad option values: convert words what the driver refuses as "FILE:
+    // error while converting FMT:", syntax and type errors alone; amend
+    // and measure have their own words for a bad compat level.
+    for (fmt, o) in [
+        ("qcow2", "cluster_size=3000"),
+        ("qcow2", "cluster_size=abc"),
+        ("qcow2", "bogus=1"),
+        ("qcow2", "compat=0.5"),
+        ("qcow2", "lazy_refcounts=maybe"),
+        ("qcow2", "refcount_bits=3"),
+        ("qcow2", "refcount_bits=x"),
+        ("qcow2", "compression_type=lz"),
+        ("qcow2", "compat=0.10,lazy_refcounts=on"),
+        ("raw", "preallocation=metadata"),
+        ("raw", "cluster_size=4k"),
+    ] {
+        let args = ["convert", "-O", fmt, "-o", o, "s.qcow2", "z.img"];
+        let mut left = Vec::new();
+        for tool in [&e.qi, &vimg()] {
+            let _ = std::fs::remove_file(e.p().join("z.img"));
+            let r = run_in(e.p(), tool, &args);
+            left.push((r.rc, r.stderr.replace("qemu-img:", "vimg:"), r.stdout));
+            left.push((0, e.p().join("z.img").exists().to_string(), String::new()));
+        }
+        assert_eq!(left[..2], left[2..], "convert -o {o} (output, file left)");
+    }
+    for c in ["0.5", "2", "v3", "1.1", "0.10"] {
+        let o = format!("compat={c}");
+        e.same(&["measure", "-O", "qcow2", "-o", &o, "--size", "1G"]);
+    }
+    for c in ["0.5", "2"] {
+        e.same(&["amend", "-o", &format!("compat={c}"), "s.qcow2"]);
+    }
 }

@@ -92,7 +92,8 @@ pub fn run(a: ConvertArgs) -> R<()> {
             quiet: true,
             file: dst.clone(),
             size: Some(total.to_string()),
-        })?;
+        })
+        .map_err(|f| creation_failure(f, dst, &out_fmt_name))?;
     }
     if out_fmt == Format::Qcow2 && !a.no_create {
         return convert_seq(&a, &mut sources, dst, total, sparse);
@@ -450,6 +451,23 @@ fn convert_seq(
         println!("    (100.00/100%)");
     }
     Ok(())
+}
+
+/// A failure to create the target, worded as qemu-img's convert words it:
+/// option syntax and type errors (found while parsing `-o`) stand alone;
+/// what the format driver refuses is "FILE: error while converting FMT:".
+fn creation_failure(f: Failure, dst: &str, fmt: &str) -> Failure {
+    let Some(msg) = f.msg.as_deref() else {
+        return f;
+    };
+    let bare = msg.strip_prefix(&format!("{dst}: ")).unwrap_or(msg);
+    let parse_time = bare.starts_with("Invalid parameter '")
+        || (bare.starts_with("Parameter '") && bare.contains("' expects "));
+    if parse_time {
+        fail(bare)
+    } else {
+        fail(format!("{dst}: error while converting {fmt}: {bare}"))
+    }
 }
 
 /// Threads allocating target ranges ahead of the fast paths' copier.

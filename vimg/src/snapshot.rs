@@ -159,11 +159,7 @@ pub fn run_amend(file: Option<&str>, fmt: Option<&str>, opts: &[String], quiet: 
                 v3 = Some(match v.as_str() {
                     "0.10" | "v2" => false,
                     "1.1" | "v3" => true,
-                    _ => {
-                        return Err(fail(format!(
-                            "Parameter 'version' does not accept value '{v}'"
-                        )))
-                    }
+                    _ => return Err(fail(format!("Unknown compatibility level {v}"))),
                 })
             }
             "lazy_refcounts" => lazy = Some(parse_bool(&k, &v).map_err(fail)?),
@@ -298,7 +294,12 @@ pub fn run_measure(a: MeasureArgs) -> R<()> {
         order = b.trailing_zeros();
     }
     if let Some(v) = get("compat") {
-        v3 = !matches!(v.as_str(), "0.10" | "v2");
+        // qcow2_measure takes only the numeric levels.
+        v3 = match v.as_str() {
+            "0.10" => false,
+            "1.1" => true,
+            _ => return Err(fail(format!("Invalid compatibility level: '{v}'"))),
+        };
     }
     if let Some(v) = get("extended_l2") {
         ext = parse_bool("extended_l2", &v).map_err(fail)?;
