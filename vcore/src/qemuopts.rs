@@ -3,36 +3,70 @@
 
 use crate::cpuid::Topology;
 
-/// Split `first,key=value,...` into the leading bare value (if the first
-/// element has no `=`) and the key/value pairs (`flag` alone is `flag=on`).
-/// A doubled comma is a literal comma, as in QEMU.
-pub fn split(s: &str) -> (Option<String>, Vec<(String, String)>) {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
+/// Parse a QEMU option list `key=value,flag,noflag,...` as QemuOpts does:
+/// a name runs to the first `=` or `,` (no escapes in names); a value runs
+/// to the first single `,` (`,,` is a literal comma); a bare `name` is
+/// `name=on` and a bare `noname` is `name=off`.
+pub fn pairs(s: &str) -> Vec<(String, String)> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p < b.len() {
+        let len = b[p..]
+            .iter()
+            .position(|&c| c == b'=' || c == b',')
+            .unwrap_or(b.len() - p);
+        let name = String::from_utf8_lossy(&b[p..p + len]).into_owned();
+        p += len;
+        if b.get(p) == Some(&b'=') {
+            let (v, next) = value(b, p + 1);
+            out.push((name, v));
+            p = next;
         } else {
-            cur.push(c);
+            match name.strip_prefix("no") {
+                Some(n) => out.push((n.to_string(), "off".to_string())),
+                None => out.push((name, "on".to_string())),
+            }
+            if b.get(p) == Some(&b',') {
+                p += 1;
+            }
         }
     }
-    parts.push(cur);
-    let mut first = None;
-    let mut kv = Vec::new();
-    for (i, p) in parts.into_iter().enumerate() {
-        match p.split_once('=') {
-            Some((k, v)) => kv.push((k.to_string(), v.to_string())),
-            None if i == 0 => first = Some(p),
-            None => kv.push((p, "on".to_string())),
+    out
+}
+
+/// The value starting at `p` (to the first single comma, `,,` unescaped)
+/// and where the next element starts.
+fn value(b: &[u8], mut p: usize) -> (String, usize) {
+    let mut v = Vec::new();
+    while p < b.len() {
+        if b[p] == b',' {
+            if b.get(p + 1) == Some(&b',') {
+                v.push(b',');
+                p += 2;
+                continue;
+            }
+            return (String::from_utf8_lossy(&v).into_owned(), p + 1);
+        }
+        v.push(b[p]);
+        p += 1;
+    }
+    (String::from_utf8_lossy(&v).into_owned(), p)
+}
+
+/// Split `first,key=value,...` (`-netdev tap,id=n0`, `-chardev
+/// unix:PATH,server`) into the leading value of QEMU's implied option,
+/// present when the first element has no `=`, and the [`pairs`] of the
+/// rest.
+pub fn split(s: &str) -> (Option<String>, Vec<(String, String)>) {
+    let b = s.as_bytes();
+    match b.iter().position(|&c| c == b'=' || c == b',') {
+        Some(i) if b[i] == b'=' => (None, pairs(s)),
+        _ => {
+            let (first, next) = value(b, 0);
+            (Some(first), pairs(&s[next..]))
         }
     }
-    (first, kv)
 }
 
 /// Parse `-smp N[,cpus=N][,sockets=S][,cores=C][,threads=T][,maxcpus=M]`
@@ -169,8 +203,26 @@ mod tests {
             ]
         );
         assert_eq!(
-            split("unix:/tmp/s,server,nowait").0.as_deref(),
-            Some("unix:/tmp/s")
+            split("unix:/tmp/s,server,nowait"),
+            (
+                Some("unix:/tmp/s".into()),
+                vec![
+                    ("server".into(), "on".into()),
+                    ("wait".into(), "off".into())
+                ]
+            )
+        );
+        assert_eq!(split("a,,b,x=1").0.as_deref(), Some("a,b"));
+        assert_eq!(split("tap").0.as_deref(), Some("tap"));
+        assert_eq!(split(""), (Some(String::new()), vec![]));
+        assert_eq!(
+            pairs("a=,,x,,,b=c=d,,e,flag,noflag2,"),
+            vec![
+                ("a".into(), ",x,".into()),
+                ("b".into(), "c=d,e".into()),
+                ("flag".into(), "on".into()),
+                ("flag2".into(), "off".into())
+            ]
         );
     }
 }

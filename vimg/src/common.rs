@@ -45,47 +45,9 @@ pub fn open_error_text(e: &Error) -> String {
     }
 }
 
-/// Parse a QEMU option list as QEMU's `opts_do_parse` does: a name runs to
-/// the first `=` or `,` (no escapes in names); a value runs to the first
-/// single `,` (`,,` is a literal comma); a bare `name` is `name=on` and a
-/// bare `noname` is `name=off`.
+/// Parse a `-o` option list (QEMU's rules: [`vcore::qemuopts::pairs`]).
 pub fn parse_opts(s: &str) -> Vec<(String, String)> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut p = 0;
-    while p < b.len() {
-        let len = b[p..]
-            .iter()
-            .position(|&c| c == b'=' || c == b',')
-            .unwrap_or(b.len() - p);
-        let name = String::from_utf8_lossy(&b[p..p + len]).into_owned();
-        p += len;
-        if b.get(p) == Some(&b'=') {
-            p += 1;
-            let mut v = Vec::new();
-            while p < b.len() {
-                if b[p] == b',' {
-                    if b.get(p + 1) == Some(&b',') {
-                        v.push(b',');
-                        p += 2;
-                        continue;
-                    }
-                    break;
-                }
-                v.push(b[p]);
-                p += 1;
-            }
-            out.push((name, String::from_utf8_lossy(&v).into_owned()));
-        } else if let Some(n) = name.strip_prefix("no") {
-            out.push((n.to_string(), "off".to_string()));
-        } else {
-            out.push((name, "on".to_string()));
-        }
-        if b.get(p) == Some(&b',') {
-            p += 1;
-        }
-    }
-    out
+    vcore::qemuopts::pairs(s)
 }
 
 /// qemu-img's check of each `-o` argument (`is_valid_option_list`): not
