@@ -397,9 +397,9 @@ impl MetadataPlan {
             let host = p.alloc(n);
             p.runs.push((g, host, n));
             g += n;
-        }
-        if p.rb.len() as u64 > cs / 8 {
-            return None;
+            if p.rb.len() as u64 > cs / 8 {
+                return None;
+            }
         }
         Some(p)
     }
