@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 /// Largest piece handed to one worker.
 const JOB_MAX: u64 = 8 << 20;
 
-/// Largest source window mapped at once.
+/// Largest source window looked at at once (block status, mappings).
 pub const WINDOW: u64 = 64 << 20;
 
 /// Whether `b` is all zeroes (word-wise, vectorizable, early exit).
