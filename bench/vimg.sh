@@ -1,7 +1,8 @@
 #!/bin/bash
 # vimg vs qemu-img, side by side on the same files, in one run.
 # Prints each command's median wall time (of RUNS runs) for both tools and
-# the ratio vimg/qemu-img (< 1.0 = vimg faster).
+# the ratio vimg/qemu-img (< 1.0 = vimg faster), the same for CPU time, and
+# the lowest and highest wall-time ratio of the run pairs.
 #
 # Usage: bench/vimg.sh [WORKDIR]      (needs ~16 GiB free; RUNS=3 by default)
 #        ONLY='convert -O|compare' RUNS=5 bench/vimg.sh   (some rows only)
@@ -62,15 +63,19 @@ row() {
         qs+=("$(timed "$pre" "$QEMU_IMG" "$@")")
         vs+=("$(timed "$pre" "$VIMG" "$@")")
     done
-    local mid=$(( (RUNS + 1) / 2 )) q v
+    local mid=$(( (RUNS + 1) / 2 )) q v i spread
     q=$(printf '%s\n' "${qs[@]}" | sort -n | sed -n "${mid}p")
     v=$(printf '%s\n' "${vs[@]}" | sort -n | sed -n "${mid}p")
+    # Wall-time ratio of each run pair (same minute): lowest and highest.
+    spread=$(for i in "${!qs[@]}"; do
+        echo "${vs[$i]%% *} / ${qs[$i]%% *}" | bc -l
+    done | sort -n | sed -n '1p;$p' | xargs printf '%.2f ' | sed 's/ $//; s/ /-/')
     set -- $q $v
-    printf '%-46s %8.4f %8.4f %6.2f | %7.3f %7.3f %6.2f\n' "$name" "$1" "$3" \
-        "$(echo "$3 / $1" | bc -l)" "$2" "$4" "$(echo "($4 + 0.0005) / ($2 + 0.0005)" | bc -l)"
+    printf '%-46s %8.4f %8.4f %6.2f | %7.3f %7.3f %6.2f | %s\n' "$name" "$1" "$3" \
+        "$(echo "$3 / $1" | bc -l)" "$2" "$4" "$(echo "($4 + 0.0005) / ($2 + 0.0005)" | bc -l)" "$spread"
 }
 
-printf '%-46s %8s %8s %6s | %7s %7s %6s\n' "command (wall s | cpu s)" "qemu-img" "vimg" "ratio" "qemu" "vimg" "ratio"
+printf '%-46s %8s %8s %6s | %7s %7s %6s | %s\n' "command (wall s | cpu s | run ratios)" "qemu-img" "vimg" "ratio" "qemu" "vimg" "ratio" "min-max"
 REP=20
 row "info img.qcow2 (20G, 512M data)" ":" info img.qcow2
 row "check img.qcow2" ":" check img.qcow2
