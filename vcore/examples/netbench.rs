@@ -113,6 +113,28 @@ fn eth_frame(size: usize) -> Vec<u8> {
     f
 }
 
+/// Fill a 20-byte IPv4 header (TTL 64, no options, `df`: don't fragment)
+/// with its checksum.
+fn ipv4_header(ip: &mut [u8], len: usize, proto: u8, src: [u8; 4], dst: [u8; 4], df: bool) {
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    if df {
+        ip[6] = 0x40;
+    }
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let mut sum = 0u32;
+    for c in ip[..20].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
 /// A 64 KiB TCP/IPv4 frame for segmentation by the host, with its header.
 fn tso_frame() -> Vec<u8> {
     let payload = 65000usize;
@@ -129,22 +151,14 @@ fn tso_frame() -> Vec<u8> {
     e[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
     e[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
     e[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut e[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = 6; // TCP
-    ip[12..16].copy_from_slice(&[10, 99, 0, 2]);
-    ip[16..20].copy_from_slice(&[10, 99, 0, 1]);
-    let mut sum = 0u32;
-    for c in ip.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    ipv4_header(
+        &mut e[14..34],
+        ip_len,
+        6,
+        [10, 99, 0, 2],
+        [10, 99, 0, 1],
+        true,
+    );
     let tcp = &mut e[34..54];
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
     tcp[2..4].copy_from_slice(&5001u16.to_be_bytes());
@@ -395,21 +409,7 @@ fn udp_frame(size: usize, src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
     f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
     f[12..14].copy_from_slice(&[0x08, 0x00]);
     let ip_len = size - 14;
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let mut sum = 0u32;
-    for c in ip.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    ipv4_header(&mut f[14..34], ip_len, 17, src, dst, false);
     let udp = &mut f[34..42];
     udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
     udp[2..4].copy_from_slice(&dport.to_be_bytes());
