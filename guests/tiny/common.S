@@ -1,11 +1,19 @@
 /* Shared pieces of the tiny test guests: a PVH ELF note so vmrun enters
- * _start in 32-bit protected mode, and serial/exit helpers.
+ * _start in 32-bit protected mode, serial/exit helpers, and `check`: jump
+ * to `fail` (print "FAILED check N", exit N) unless a condition holds.
  * Registers: EBX holds the PVH hvm_start_info address at entry. */
         .section .note.Xen, "a", @note
         .align 4
         .long 4, 4, 18          /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
         .asciz "Xen"
         .long _start
+
+.macro check cond, code
+        j\cond 1f
+        mov $\code, %al
+        jmp fail
+1:
+.endm
 
         .text
         .code32
@@ -57,3 +65,18 @@ exit:
         out %al, %dx
 3:      hlt
         jmp 3b
+/* fail: print "FAILED check " and AL in hex, exit with status AL. */
+fail:   movzbl %al, %eax
+        push %eax
+        mov $m_fail, %esi
+        call puts
+        pop %eax
+        push %eax
+        call puthex
+        call nl
+        pop %eax
+        call exit
+
+nl:     mov $'\n', %al
+        jmp putc
+m_fail: .asciz "FAILED check "

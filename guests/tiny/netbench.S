@@ -24,13 +24,6 @@
         .set FRAME,   0x400000
         .set F_WRITE, 2
 
-.macro check cond, code
-        j\cond 1f
-        mov $\code, %al
-        jmp fail
-1:
-.endm
-
         .text
         .globl _start
 _start:
@@ -187,18 +180,6 @@ finish: mov $m_done, %esi
         mov $'\n', %al
         call putc
         mov $100, %al
-        call exit
-
-fail:   movzbl %al, %eax
-        push %eax
-        mov $m_fail, %esi
-        call puts
-        pop %eax
-        push %eax
-        call puthex
-        mov $'\n', %al
-        call putc
-        pop %eax
         call exit
 
 /* skipsp: skip spaces at ESI. */
@@ -374,7 +355,6 @@ m_ready: .asciz "ready\n"
 m_go:    .asciz "go\n"
 m_done:  .asciz "done\n"
 m_batches: .asciz "batches=0x"
-m_fail:  .asciz "FAILED check "
         .data
 mode:      .long 0
 size:      .long 64

@@ -39,13 +39,6 @@
         movw $\next, \base+\i*16+14
 .endm
 
-.macro check cond, code
-        j\cond 1f
-        mov $\code, %al
-        jmp fail
-1:
-.endm
-
         .text
         .globl _start
 _start:
@@ -218,20 +211,6 @@ found:  mov pciaddr, %eax
         mov $100, %al
         call exit
 
-fail:   movzbl %al, %eax
-        push %eax
-        mov $m_fail, %esi
-        call puts
-        pop %eax
-        push %eax
-        call puthex
-        call nl
-        pop %eax
-        call exit
-
-nl:     mov $'\n', %al
-        jmp putc
-
 /* init: reset the device, negotiate FEATS, set up RX (0) and TX (1). */
 init:   mov $RXDESC, %edi
         mov $(0x13000/4), %ecx
@@ -340,7 +319,6 @@ m_short:    .asciz "short rx posted\n"
 m_shortok:  .asciz "short rx buffer: NEEDS_RESET ok\n"
 m_again:    .asciz "rx posted again\n"
 m_done:     .asciz "rx after reset ok\n"
-m_fail:     .asciz "FAILED check "
         .data
 pciaddr:  .long 0
 bar:      .long 0
