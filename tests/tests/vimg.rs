@@ -868,12 +868,21 @@ fn locking_like_qemu() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the locks are held (up to 30 s: the other tests load the
-    // host).
+    // Wait until qemu-io holds its locks (up to 30 s: the other tests load
+    // the host). Watched in /proc/locks, not by probing with `qemu-img
+    // info`: a probe's own lock, taken while qemu-io opens the image, makes
+    // qemu-io fail with "Failed to get "write" lock" (that raced before).
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(e.p().join("l.qcow2")).unwrap().ino()
+    };
     let mut held = false;
     for _ in 0..300 {
-        let o = e.q(&["info", "l.qcow2"]);
-        if o.rc != 0 {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if locks
+            .lines()
+            .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+        {
             held = true;
             break;
         }
