@@ -1285,13 +1285,15 @@ fn sparse_layout(path: &Path) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
     (md.len(), md.blocks(), segs)
 }
 
-/// `create -o preallocation=metadata` lays out exactly QEMU's file (same
-/// bytes, same holes, same allocated blocks), for cluster sizes and
+/// `create` lays out exactly QEMU's file (same bytes, same holes, same
+/// allocated blocks) in every preallocation mode: cluster sizes and
 /// refcount widths where the L2 tables and refcount blocks interleave
-/// differently with the data runs, and a run longer than a request (2 MiB
-/// clusters).
+/// differently with the data runs, a run longer than a request (2 MiB
+/// clusters), images whose refcount table QEMU has to grow (tiny clusters:
+/// during metadata preallocation, or for the L1 table alone), and falloc
+/// and full, where QEMU moves the refcount table past the L1 table.
 #[test]
-fn metadata_preallocation_is_qemus_file() {
+fn create_lays_out_qemus_file() {
     let Some(e) = Env::new() else { return };
     for (opts, size) in [
         ("preallocation=metadata", "20G"),
@@ -1312,6 +1314,24 @@ fn metadata_preallocation_is_qemus_file() {
             "preallocation=metadata,lazy_refcounts=on,compression_type=zstd",
             "5G",
         ),
+        ("preallocation=metadata,cluster_size=512", "33M"),
+        (
+            "preallocation=metadata,cluster_size=512,refcount_bits=64",
+            "9M",
+        ),
+        (
+            "preallocation=metadata,cluster_size=1k,refcount_bits=64",
+            "100M",
+        ),
+        ("cluster_size=512", "100G"),
+        ("preallocation=falloc", "3M"),
+        ("preallocation=falloc", "0"),
+        (
+            "preallocation=falloc,cluster_size=4k,refcount_bits=64",
+            "33M",
+        ),
+        ("preallocation=full,cluster_size=512", "9M"),
+        ("preallocation=full,compat=0.10", "1000000"),
     ] {
         let args = ["create", "-q", "-f", "qcow2", "-o", opts];
         let q = e.q(&[&args[..], &["q.qcow2", size]].concat());

@@ -1,15 +1,15 @@
-//! Creating qcow2 images with QEMU's exact layout: cluster 0 header (v3:
-//! header_length 112, backing-format extension, feature name table, end
-//! marker, backing name), cluster 1 refcount table, cluster 2 refcount
-//! block, cluster 3 L1 table (written only as far as its entries, like
-//! QEMU). Metadata preallocation is laid out here as QEMU does it
-//! ([`MetadataPlan`]); the other preallocation modes go through imago
-//! (whose metadata layout matches QEMU's), after which the header is
-//! rewritten in QEMU's form.
+//! Creating qcow2 images with QEMU's exact layout, for every preallocation
+//! mode: QEMU's cluster allocator is replayed in memory
+//! ([`super::allocator`]) — cluster 0 header (v3: header_length 112,
+//! backing-format extension, feature name table, end marker, backing
+//! name), cluster 1 refcount table, cluster 2 refcount block, then the L1
+//! table (written only as far as its entries) and whatever preallocation
+//! places, refcount blocks and refcount table growth included — and the
+//! file is then written in one pass.
 
+use super::allocator::Allocator;
 use super::meta::{self, Header};
 use imago::format::PreallocateMode;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -212,285 +212,220 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), String> {
 pub fn create_in(file: &File, o: &CreateOptions) -> Result<(), String> {
     let mut h = base_header(o);
     let cs = o.cluster_size;
-    let rbe = h.refblock_entries();
+    let mut a = Allocator::new(cs, h.refcount_order);
+    // qcow2_co_create's truncate to the virtual size: an L1 table of
+    // exactly the needed entries, written as far as its entries.
     let l1_size = h.l1_entries_for(o.size);
-    let direct_l1 = o.prealloc == Prealloc::Off || o.extended_l2;
-    let l1_clusters = if direct_l1 {
-        (l1_size * 8).div_ceil(cs)
-    } else {
-        0
+    let l1 = (l1_size > 0).then(|| {
+        let at = a.alloc((l1_size * 8).div_ceil(cs));
+        a.wrote(at * cs + l1_size * 8);
+        (at, l1_size)
+    });
+    let plan = match o.prealloc {
+        Prealloc::Off => Plan::default(),
+        Prealloc::Metadata => metadata(&mut a, &h, o.size),
+        Prealloc::Falloc | Prealloc::Full => allocated(&mut a, &h, o.size),
     };
-    // Clusters: header, reftable, refblock(s), L1; the refcount table lives
-    // in cluster 1 and the first refblock in cluster 2 (as QEMU). Extra
-    // refblocks (tiny clusters, big L1) follow the L1 table.
-    let mut n_rb = 1u64;
-    loop {
-        let total = 2 + n_rb + l1_clusters;
-        let need = total.div_ceil(rbe);
-        if need <= n_rb {
-            break;
-        }
-        n_rb = need;
-    }
-    if n_rb > cs / 8 {
+    if a.reftable.len() as u64 > MAX_REFTABLE_ENTRIES {
         return Err(
             "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
                 .into(),
         );
     }
-    let total = 2 + n_rb + l1_clusters;
-    // Refcount table.
-    let mut rb_offsets = vec![2 * cs];
-    for i in 1..n_rb {
-        rb_offsets.push((3 + l1_clusters + i - 1) * cs);
-    }
-    let mut reftable = vec![0u64; (cs / 8) as usize];
-    for (i, off) in rb_offsets.iter().enumerate() {
-        reftable[i] = *off;
-    }
-    // Cluster 0 is zero (no magic) until every table is in place: an
-    // interrupted create never leaves a qcow2 header pointing at missing
-    // tables.
-    h.serialize()?;
-    let c0 = vec![0u8; cs as usize];
-    file.write_all_at(&c0, 0).map_err(io_err)?;
-    meta::write_table(file, cs, &reftable).map_err(io_err)?;
-    for (i, off) in rb_offsets.iter().enumerate() {
-        let mut block = vec![0u8; cs as usize];
-        for j in 0..rbe {
-            let cl = i as u64 * rbe + j;
-            if cl < total {
-                meta::refblock_set(&mut block, h.refcount_order, j, 1);
-            }
-        }
-        file.write_all_at(&block, *off).map_err(io_err)?;
-    }
-    if direct_l1 {
-        if l1_size > 0 {
-            h.l1_size = l1_size as u32;
-            h.l1_table_offset = 3 * cs;
-            file.write_all_at(&vec![0u8; (l1_size * 8) as usize], 3 * cs)
-                .map_err(io_err)?;
-            if n_rb > 1 {
-                // Keep the extra refblocks inside the file.
-                let end = total * cs;
-                if file.metadata().map_err(io_err)?.len() < end {
-                    file.set_len(end).map_err(io_err)?;
-                }
-            }
-        }
-        h.size = o.size;
-        h.write(file).map_err(io_err)?;
-        file.sync_all().map_err(io_err)?;
-        return Ok(());
-    }
-    if o.prealloc == Prealloc::Metadata {
-        if let Some(plan) = MetadataPlan::new(&h, o.size, l1_clusters_for(&h, o.size)) {
-            return plan.write(file, h, o.size);
-        }
-    }
-    // Preallocation through imago, on a header without the flags imago
-    // does not know; then write the final header.
-    let mut plain = h.clone();
-    plain.incompatible = 0;
-    plain.compression_type = 0;
-    plain.write(file).map_err(io_err)?;
-    {
-        let dup = file.try_clone().map_err(io_err)?;
-        let f =
-            imago::file::File::from_open_file(dup, imago::StorageOpenOptions::new().write(true))
-                .map_err(io_err)?;
-        let q = imago::qcow2::Qcow2::<imago::file::File>::builder(f)
-            .write(true)
-            .backing(None)
-            .open(DenyImplicitOpenGate::default())
-            .map_err(|e| e.to_string())?;
-        let a = FormatAccess::new(q);
-        a.resize_grow(o.size, o.prealloc.imago())
-            .map_err(|e| e.to_string())?;
-        a.flush().map_err(|e| e.to_string())?;
-    }
-    let mut fin = Header::read(file)?;
-    // imago sizes the L1 table generously; QEMU uses exactly what the size
-    // needs and writes only those entries. Shrink it and give the unused,
-    // all-zero tail of the cluster back to the file system.
-    let need = fin.l1_entries_for(o.size);
-    if (fin.l1_size as u64) > need {
-        let used_end = fin.l1_table_offset + need * 8;
-        let tbl_end = fin.l1_table_offset + (fin.l1_size as u64 * 8).next_multiple_of(cs);
-        fin.l1_size = need as u32;
-        let start = used_end.next_multiple_of(4096);
-        if tbl_end > start {
-            let _ = crate::image::raw::fallocate(
-                file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                start,
-                tbl_end - start,
-            );
-        }
-    }
-    fin.compatible = h.compatible;
-    fin.incompatible = h.incompatible;
-    fin.compression_type = h.compression_type;
-    fin.has_feature_table = h.has_feature_table;
-    fin.backing_file = h.backing_file.clone();
-    fin.backing_format = h.backing_format.clone();
-    fin.extra_fields = h.extra_fields.clone();
-    fin.other_extensions.clear();
-    fin.write(file).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
-    Ok(())
+    write(file, &mut h, &a, l1, &plan, o)
 }
 
-fn l1_clusters_for(h: &Header, size: u64) -> u64 {
-    (h.l1_entries_for(size) * 8).div_ceil(h.cluster_size())
-}
+/// QEMU's limit on refcount table entries (`QCOW_MAX_REFTABLE_SIZE`).
+const MAX_REFTABLE_ENTRIES: u64 = 8 << 20;
 
-/// QEMU's layout of `preallocation=metadata`, computed instead of mapped
-/// cluster by cluster (a 200 GiB image has 3.2 million clusters): after
-/// the header, refcount table, first refcount block and L1 table, QEMU's
-/// `preallocate_co` allocates, L2 table by L2 table, the table and then
-/// one run of data clusters for its entries (at most `INT_MAX` bytes per
-/// run). Clusters are handed out in order from the first free one; when a
-/// run first uses a cluster no refcount block covers yet, the block is
-/// allocated right after the run (it then describes itself, or, with tiny
-/// clusters, a further block after it describes it). Nothing is freed, so
-/// every cluster below `free` has refcount 1.
-struct MetadataPlan {
-    /// Host cluster of each L2 table.
+/// Where preallocation put the L2 tables and data clusters.
+#[derive(Default)]
+struct Plan {
+    /// Host cluster of each L2 table, by L1 index.
     l2: Vec<u64>,
-    /// Host cluster of each refcount block.
-    rb: Vec<u64>,
     /// Data runs: (first guest cluster, first host cluster, clusters).
     runs: Vec<(u64, u64, u64)>,
-    /// First cluster past everything allocated.
-    free: u64,
-    rbe: u64,
+    /// Bytes of the file to allocate (falloc) or fill with zeroes (full).
+    data: Option<(u64, u64)>,
 }
 
-impl MetadataPlan {
-    /// The plan, or `None` where QEMU would have to grow the refcount
-    /// table past its first cluster (not modelled: imago does it).
-    fn new(h: &Header, size: u64, l1_clusters: u64) -> Option<MetadataPlan> {
-        let cs = h.cluster_size();
-        let l2e = h.l2_entries();
-        let guest = size.div_ceil(cs);
-        // qcow2_alloc_host_offset's request: INT_MAX aligned down to a
-        // cluster, and BDRV_REQUEST_MAX_BYTES.
-        let cap = (((i32::MAX as u64) & !(cs - 1)) / cs).min(((1u64 << 31) - 512) / cs);
-        let mut p = MetadataPlan {
-            l2: Vec::with_capacity(guest.div_ceil(l2e) as usize),
-            rb: vec![2],
-            runs: Vec::new(),
-            free: 3,
-            rbe: h.refblock_entries(),
-        };
-        let l1 = p.alloc(l1_clusters.max(1));
-        debug_assert_eq!(l1, 3);
-        let mut g = 0;
-        while g < guest {
+/// `preallocation=metadata`, as QEMU's `preallocate_co` does it: requests
+/// of at most `INT_MAX` bytes (cluster aligned); within one, L2 table by L2
+/// table, the table first, then the table's data clusters, contiguous
+/// with the request's previous ones where those clusters are free. The
+/// data clusters stay unwritten.
+fn metadata(a: &mut Allocator, h: &Header, size: u64) -> Plan {
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let guest = size.div_ceil(cs);
+    let request = ((i32::MAX as u64) & !(cs - 1)) / cs;
+    // handle_alloc's limit, BDRV_REQUEST_MAX_BYTES.
+    let piece = ((1u64 << 31) - 512) / cs;
+    let mut p = Plan::default();
+    let mut g = 0;
+    while g < guest {
+        let mut left = (guest - g).min(request);
+        let mut next = None;
+        while left > 0 {
             if (g / l2e) as usize >= p.l2.len() {
-                let t = p.alloc(1);
+                let t = a.alloc(1);
+                a.wrote((t + 1) * cs);
                 p.l2.push(t);
             }
-            let n = (guest - g).min(l2e - g % l2e).min(cap);
-            let host = p.alloc(n);
-            p.runs.push((g, host, n));
-            g += n;
-            if p.rb.len() as u64 > cs / 8 {
-                return None;
+            let n = left.min(l2e - g % l2e).min(piece);
+            let (host, k) = match next {
+                None => (a.alloc(n), n),
+                Some(at) => (at, a.alloc_at(at, n)),
+            };
+            if k == 0 {
+                break;
             }
-        }
-        Some(p)
-    }
-
-    /// Allocate `n` clusters at the first free one, then count them
-    /// (allocating refcount blocks); the first cluster.
-    fn alloc(&mut self, n: u64) -> u64 {
-        let start = self.free;
-        self.free += n;
-        self.cover(start, n);
-        start
-    }
-
-    /// Make sure refcount blocks cover `[start, start + n)`, in order.
-    fn cover(&mut self, start: u64, n: u64) {
-        let (first, last) = (start / self.rbe, (start + n - 1) / self.rbe);
-        for k in first..=last {
-            let k = k as usize;
-            if self.rb.len() <= k {
-                self.rb.resize(k + 1, 0);
-            }
-            if self.rb[k] == 0 {
-                let b = self.free;
-                self.free += 1;
-                if (b / self.rbe) as usize != k {
-                    self.cover(b, 1);
-                }
-                self.rb[k] = b;
-            }
+            p.runs.push((g, host, k));
+            g += k;
+            left -= k;
+            next = Some(host + k);
         }
     }
+    // The request's end: the file reaches at least the last data cluster.
+    if let Some(&(_, host, n)) = p.runs.last() {
+        a.wrote((host + n) * cs);
+    }
+    p
+}
 
-    /// Write the image: tables first, cluster 0's header last.
-    fn write(self, file: &File, mut h: Header, size: u64) -> Result<(), String> {
-        let cs = h.cluster_size();
-        let l2e = h.l2_entries() as usize;
-        let mut reftable = vec![0u64; (cs / 8) as usize];
-        for (k, b) in self.rb.iter().enumerate() {
-            reftable[k] = b * cs;
+/// `preallocation=falloc|full`, as QEMU's `qcow2_co_truncate` does it: a
+/// new refcount table and blocks at the end of the file, sized exactly for
+/// everything to come; the data clusters right after them, allocated in
+/// the file; then the L2 tables (the first into the old refcount table's
+/// place, the others past the data).
+fn allocated(a: &mut Allocator, h: &Header, size: u64) -> Plan {
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let nb = size.div_ceil(cs);
+    let end = (a.last_used() + 1) * cs;
+    let tables = nb.div_ceil(l2e) + 1;
+    let start = a.area(end / cs, nb + tables, true, None);
+    let got = a.alloc_at(start, nb);
+    debug_assert_eq!(got, nb);
+    let from = a.file_len;
+    a.wrote((start + nb) * cs);
+    let mut p = Plan {
+        data: Some((from, (start + nb) * cs)),
+        ..Plan::default()
+    };
+    let mut g = 0;
+    while g < nb {
+        let t = a.alloc(1);
+        a.wrote((t + 1) * cs);
+        p.l2.push(t);
+        let n = (nb - g).min(l2e - g % l2e);
+        p.runs.push((g, start + g, n));
+        g += n;
+    }
+    p
+}
+
+/// Write the image the allocator and plan describe, the header last (an
+/// interrupted create leaves no qcow2 header pointing at missing tables).
+fn write(
+    file: &File,
+    h: &mut Header,
+    a: &Allocator,
+    l1: Option<(u64, u64)>,
+    p: &Plan,
+    o: &CreateOptions,
+) -> Result<(), String> {
+    let cs = h.cluster_size();
+    let bytes = |t: &[u64]| -> Vec<u64> { t.iter().map(|&c| c * cs).collect() };
+    h.serialize()?;
+    file.write_all_at(&vec![0u8; cs as usize], 0)
+        .map_err(io_err)?;
+    // Replaced refcount tables keep their bytes where nothing else goes.
+    for (at, t) in &a.old_tables {
+        meta::write_table(file, at * cs, &bytes(t)).map_err(io_err)?;
+    }
+    let rbe = a.refblock_entries();
+    let mut block = vec![0u8; cs as usize];
+    for (k, &b) in a.reftable.iter().enumerate() {
+        if b == 0 {
+            continue;
         }
-        meta::write_table(file, cs, &reftable).map_err(io_err)?;
-        for (k, b) in self.rb.iter().enumerate() {
-            let mut block = vec![0u8; cs as usize];
-            let first = k as u64 * self.rbe;
-            for j in 0..self.rbe.min(self.free.saturating_sub(first)) {
+        block.fill(0);
+        let first = k as u64 * rbe;
+        for j in 0..rbe {
+            if a.used(first + j) {
                 meta::refblock_set(&mut block, h.refcount_order, j, 1);
             }
-            file.write_all_at(&block, b * cs).map_err(io_err)?;
         }
-        let mut table = vec![0u8; cs as usize];
-        let mut run = self.runs.iter().peekable();
-        for (i, t) in self.l2.iter().enumerate() {
-            table.fill(0);
-            let g0 = (i * l2e) as u64;
-            while let Some(&&(g, host, n)) = run.peek() {
-                if g >= g0 + l2e as u64 {
-                    break;
-                }
-                for c in 0..n {
-                    let e = ((host + c) * cs) | meta::OFLAG_COPIED;
-                    let at = (g + c - g0) as usize * 8;
-                    table[at..at + 8].copy_from_slice(&e.to_be_bytes());
-                }
-                run.next();
-            }
-            file.write_all_at(&table, t * cs).map_err(io_err)?;
-        }
-        let l1: Vec<u64> = self
-            .l2
-            .iter()
-            .map(|t| (t * cs) | meta::OFLAG_COPIED)
-            .collect();
-        meta::write_table(file, 3 * cs, &l1).map_err(io_err)?;
-        // The data clusters stay a hole, but for the part of the last one
-        // past the image's end when that is not cluster aligned: QEMU's
-        // allocation covers only the request, so copy-on-write writes
-        // zeroes over the rest of the cluster.
-        let tail = (size % cs).next_multiple_of(512);
-        if let (true, Some(&(_, host, n))) = (tail % cs != 0, self.runs.last()) {
-            let last = (host + n - 1) * cs;
-            file.write_all_at(&vec![0u8; (cs - tail) as usize], last + tail)
-                .map_err(io_err)?;
-        }
-        if file.metadata().map_err(io_err)?.len() < self.free * cs {
-            file.set_len(self.free * cs).map_err(io_err)?;
-        }
-        h.l1_size = l1.len() as u32;
-        h.l1_table_offset = 3 * cs;
-        h.size = size;
-        h.write(file).map_err(io_err)?;
-        file.sync_all().map_err(io_err)?;
-        Ok(())
+        file.write_all_at(&block, b * cs).map_err(io_err)?;
     }
+    meta::write_table(file, a.reftable_at * cs, &bytes(&a.reftable)).map_err(io_err)?;
+    let l2e = h.l2_entries() as usize;
+    let mut table = vec![0u8; cs as usize];
+    let mut run = p.runs.iter().peekable();
+    for (i, t) in p.l2.iter().enumerate() {
+        table.fill(0);
+        let g0 = (i * l2e) as u64;
+        while let Some(&&(g, host, n)) = run.peek() {
+            if g >= g0 + l2e as u64 {
+                break;
+            }
+            for c in 0..n {
+                let e = ((host + c) * cs) | meta::OFLAG_COPIED;
+                let at = (g + c - g0) as usize * 8;
+                table[at..at + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            run.next();
+        }
+        file.write_all_at(&table, t * cs).map_err(io_err)?;
+    }
+    if let Some((at, n)) = l1 {
+        let entries: Vec<u64> = (0..n as usize)
+            .map(|i| p.l2.get(i).map_or(0, |t| (t * cs) | meta::OFLAG_COPIED))
+            .collect();
+        meta::write_table(file, at * cs, &entries).map_err(io_err)?;
+        h.l1_size = n as u32;
+        h.l1_table_offset = at * cs;
+    }
+    match (o.prealloc, p.data) {
+        (Prealloc::Falloc, Some((from, to))) if to > from => {
+            crate::image::raw::fallocate(file, 0, from, to - from).map_err(|e| {
+                format!(
+                    "Failed to resize underlying file: Could not preallocate new data: {}",
+                    io_err(e)
+                )
+            })?;
+        }
+        (Prealloc::Full, Some((from, to))) if to > from => {
+            let zero = vec![0u8; (4 << 20).min(to - from) as usize];
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(zero.len() as u64) as usize;
+                file.write_all_at(&zero[..n], at).map_err(io_err)?;
+                at += n as u64;
+            }
+        }
+        _ => {}
+    }
+    // Metadata preallocation leaves the data clusters unwritten, but for
+    // the part of the last one past the image's end when that is not
+    // cluster aligned: QEMU's allocation covers only the request, so
+    // copy-on-write writes zeroes over the rest of the cluster.
+    let tail = (o.size % cs).next_multiple_of(512);
+    if let (Prealloc::Metadata, true, Some(&(_, host, n))) =
+        (o.prealloc, tail % cs != 0, p.runs.last())
+    {
+        let last = (host + n - 1) * cs;
+        file.write_all_at(&vec![0u8; (cs - tail) as usize], last + tail)
+            .map_err(io_err)?;
+    }
+    if file.metadata().map_err(io_err)?.len() < a.file_len {
+        file.set_len(a.file_len).map_err(io_err)?;
+    }
+    h.refcount_table_offset = a.reftable_at * cs;
+    h.refcount_table_clusters = (a.reftable.len() as u64 * 8 / cs) as u32;
+    h.size = o.size;
+    h.write(file).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    Ok(())
 }

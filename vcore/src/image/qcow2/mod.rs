@@ -1,6 +1,7 @@
 //! qcow2 images: data path on `imago`, metadata on the spec ([`meta`]),
 //! consistency check and repair ([`check`]), creation ([`create`]).
 
+mod allocator;
 pub mod check;
 pub mod create;
 pub mod map;
