@@ -1137,7 +1137,8 @@ fn malformed_images_give_clear_errors_never_panics() {
     }
 }
 
-/// kill -9 at random points of convert / convert -c / resize / snapshot:
+/// kill -9 at random points of convert / convert -c / resize (also with
+/// preallocation) / snapshot:
 /// qemu-img check must never find corruption (leaks are allowed), and the
 /// data written before the operation stays readable.
 #[test]
@@ -1191,6 +1192,14 @@ fn killed_operations_leave_no_corruption() {
             &["convert", "-O", "qcow2", "base.qcow2", "T"],
         ),
         ("resize", &["resize", "T", "+3G"]),
+        (
+            "resize-metadata",
+            &["resize", "--preallocation=metadata", "T", "+3G"],
+        ),
+        (
+            "resize-falloc",
+            &["resize", "--preallocation=falloc", "T", "+200M"],
+        ),
         ("snapshot-c", &["snapshot", "-c", "snap", "T"]),
         ("snapshot-d", &["snapshot", "-d", "old", "T"]),
         ("snapshot-a", &["snapshot", "-a", "old", "T"]),
@@ -1337,17 +1346,68 @@ fn create_lays_out_qemus_file() {
         let q = e.q(&[&args[..], &["q.qcow2", size]].concat());
         let v = e.v(&[&args[..], &["v.qcow2", size]].concat());
         assert_eq!((q.rc, v.rc), (0, 0), "{opts} {size}: {}", v.stderr);
-        let (ql, qb, qs) = sparse_layout(&e.p().join("q.qcow2"));
-        let (vl, vb, vs) = sparse_layout(&e.p().join("v.qcow2"));
-        assert_eq!(ql, vl, "{opts} {size}: file length");
-        assert_eq!(
-            qs.iter().map(|(o, b)| (*o, b.len())).collect::<Vec<_>>(),
-            vs.iter().map(|(o, b)| (*o, b.len())).collect::<Vec<_>>(),
-            "{opts} {size}: data segments"
-        );
-        assert!(qs == vs, "{opts} {size}: bytes differ");
-        assert_eq!(qb, vb, "{opts} {size}: allocated blocks");
-        e.check_clean("v.qcow2");
+        same_file(&e, &format!("create {opts} {size}"));
+    }
+}
+
+/// q.qcow2 and v.qcow2 are the same file: length, data segments, bytes,
+/// allocated blocks (which also tells falloc's unwritten extents, holes to
+/// SEEK_DATA); and v.qcow2 checks clean.
+fn same_file(e: &Env, what: &str) {
+    let (ql, qb, qs) = sparse_layout(&e.p().join("q.qcow2"));
+    let (vl, vb, vs) = sparse_layout(&e.p().join("v.qcow2"));
+    assert_eq!(ql, vl, "{what}: file length");
+    assert_eq!(
+        qs.iter().map(|(o, b)| (*o, b.len())).collect::<Vec<_>>(),
+        vs.iter().map(|(o, b)| (*o, b.len())).collect::<Vec<_>>(),
+        "{what}: data segments"
+    );
+    assert!(qs == vs, "{what}: bytes differ");
+    // st_blocks also counts ext4's extent-tree blocks, which depend on how
+    // fragmented the free space was: allow 32 KiB of those.
+    assert!(
+        qb.abs_diff(vb) <= 64,
+        "{what}: allocated 512-byte blocks: qemu-img {qb}, vimg {vb}"
+    );
+    e.check_clean("v.qcow2");
+}
+
+/// `resize` grows an image into exactly QEMU's file in every preallocation
+/// mode: the L1 table replaced by one of exactly the needed entries (also
+/// where that needs a new refcount block), metadata preallocation into the
+/// image's own last L2 table and new ones, refcount table growth (tiny
+/// clusters), falloc and full with the refcount table moved. The image
+/// holds data and, in one case, a snapshot (refcounts of 2 kept).
+#[test]
+fn resize_lays_out_qemus_file() {
+    let Some(e) = Env::new() else { return };
+    for (opts, base, mode, delta) in [
+        ("cluster_size=512", "1M", "off", "+1G"),
+        ("cluster_size=4k,refcount_bits=64", "100M", "off", "+50M"),
+        ("cluster_size=64k", "1M", "metadata", "+50M"),
+        ("cluster_size=2k,refcount_bits=64", "1M", "metadata", "+40M"),
+        ("cluster_size=64k,refcount_bits=1", "100M", "falloc", "+1M"),
+        ("cluster_size=512,refcount_bits=64", "1M", "full", "+9M"),
+        ("cluster_size=4k", "8M", "metadata", "+8M"),
+    ] {
+        let what = format!("{opts} {base} --preallocation={mode} {delta}");
+        e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", base]);
+        e.io("b.qcow2", &["write -P 0x5a 0 64k", "write -P 0x33 300k 8k"]);
+        if base == "8M" {
+            assert_eq!(e.q(&["snapshot", "-c", "s1", "b.qcow2"]).rc, 0);
+            e.io("b.qcow2", &["write -P 0x44 0 4k"]);
+        }
+        // Two copies made the same way (a copy does not keep which zeroes
+        // QEMU had allocated, so both tools start from a copy).
+        for img in ["q.qcow2", "v.qcow2"] {
+            std::fs::copy(e.p().join("b.qcow2"), e.p().join(img)).unwrap();
+        }
+        let pm = format!("--preallocation={mode}");
+        let q = e.q(&["resize", "-q", &pm, "q.qcow2", delta]);
+        let v = e.v(&["resize", "-q", &pm, "v.qcow2", delta]);
+        assert_eq!((q.rc, v.rc), (0, 0), "{what}: {}", v.stderr);
+        same_file(&e, &what);
+        e.io("v.qcow2", &["read -P 0x5a 4k 60k", "read -P 0x33 300k 8k"]);
     }
 }
 

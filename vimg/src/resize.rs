@@ -62,8 +62,8 @@ pub fn run(a: ResizeArgs) -> R<()> {
             Dev::Raw(RawDevice::from_file(file, false).map_err(|e| fail(open_error_text(&e)))?)
         }
         Format::Qcow2 => {
-            // Grow without preallocation: QEMU's own layout (new L1 table in
-            // the first free clusters), no imago needed.
+            // Growing: QEMU's own layout (its allocator replayed), no
+            // imago needed.
             let h = vcore::image::qcow2::meta::Header::read(&file)
                 .map_err(|m| fail(format!("Could not open '{}': {m}", a.file)))?;
             if h.corrupt() {
@@ -77,17 +77,19 @@ pub fn run(a: ResizeArgs) -> R<()> {
                 -1 => (h.size as i128) - n as i128,
                 _ => n as i128,
             };
-            if !h.dirty()
-                && target >= h.size as i128
-                && target % 512 == 0
-                && target <= i64::MAX as i128
-                && prealloc.is_none_or(|p| p == Prealloc::Off)
-                && vcore::image::qcow2::resize::grow(&file, target as u64).is_ok()
-            {
-                if !a.quiet {
-                    println!("Image resized.");
+            if target >= h.size as i128 && target <= i64::MAX as i128 {
+                let grown = vcore::image::qcow2::resize::grow(
+                    &file,
+                    target as u64,
+                    prealloc.unwrap_or(Prealloc::Off),
+                )
+                .map_err(|m| fail(format!("Failed to resize image: {m}")))?;
+                if grown {
+                    if !a.quiet {
+                        println!("Image resized.");
+                    }
+                    return Ok(());
                 }
-                return Ok(());
             }
             Dev::Qcow2(
                 Qcow2Device::open_file(Path::new(&a.file), file, &opts, 0)

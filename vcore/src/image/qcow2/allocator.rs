@@ -20,11 +20,17 @@
 //!   again to spare; the old table's clusters are freed, and the index
 //!   goes back to them.
 //!
-//! Every cluster's refcount is 0 or 1 here, so one bit per cluster holds
-//! them all.
+//! Allocation only asks whether a refcount is 0, so one bit per cluster
+//! holds the state. Counts an existing image already has (snapshots share
+//! clusters) are kept: refcount blocks are written back as they were, with
+//! only the clusters this replay allocated or freed changed.
 
-/// One bit per cluster: whether its refcount is 1.
-#[derive(Default)]
+use super::meta::{self, Header};
+use crate::image::raw::pread_full;
+use std::fs::File;
+
+/// One bit per cluster: whether its refcount is not 0.
+#[derive(Default, Clone)]
 struct Bits(Vec<u64>);
 
 impl Bits {
@@ -80,10 +86,22 @@ impl Bits {
         None
     }
 
-    /// The last set bit, if any.
-    fn last_set(&self) -> Option<u64> {
-        let w = self.0.iter().rposition(|&w| w != 0)?;
-        Some(w as u64 * 64 + 63 - self.0[w].leading_zeros() as u64)
+    /// The last set bit below `b`, if any.
+    fn last_set_below(&self, b: u64) -> Option<u64> {
+        let mut words = &self.0[..self.0.len().min(b.div_ceil(64) as usize)];
+        while let Some((&w, rest)) = words.split_last() {
+            let i = rest.len() as u64;
+            let mask = if (i + 1) * 64 <= b {
+                u64::MAX
+            } else {
+                (1u64 << (b - i * 64)) - 1
+            };
+            if w & mask != 0 {
+                return Some(i * 64 + 63 - (w & mask).leading_zeros() as u64);
+            }
+            words = rest;
+        }
+        None
     }
 }
 
@@ -98,6 +116,10 @@ pub(super) struct Allocator {
     rbe: u64,
     refcount_order: u32,
     used: Bits,
+    /// `used` as loaded from an existing image (empty for a new one).
+    base: Bits,
+    /// The refcount table as loaded (empty for a new image).
+    base_table: Vec<u64>,
     /// QEMU's `free_cluster_index`.
     free: u64,
     /// Refcount table: the refcount block cluster of each entry (0: none);
@@ -123,6 +145,8 @@ impl Allocator {
             rbe: (cs * 8) >> refcount_order,
             refcount_order,
             used: Bits::default(),
+            base: Bits::default(),
+            base_table: Vec::new(),
             free: 0,
             reftable: vec![0; (cs / 8) as usize],
             reftable_at: 1,
@@ -134,19 +158,105 @@ impl Allocator {
         a
     }
 
-    /// Refcount entries per refcount block.
-    pub fn refblock_entries(&self) -> u64 {
-        self.rbe
+    /// The allocator over an existing image: which clusters its refcount
+    /// blocks count, its refcount table, the free index at 0 (as QEMU
+    /// opens an image). Refcount structures that point outside the file or
+    /// are misaligned are refused.
+    pub fn load(f: &File, h: &Header) -> Result<Allocator, String> {
+        let cs = h.cluster_size();
+        let io = |e: std::io::Error| e.to_string();
+        let file_len = f.metadata().map_err(io)?.len();
+        let n = h.refcount_table_clusters as u64 * cs / 8;
+        if h.refcount_table_offset % cs != 0
+            || h.refcount_table_offset + n * 8 > file_len
+            || n * 8 > meta::MAX_REFTABLE_BYTES
+        {
+            return Err("refcount table outside the file".into());
+        }
+        let raw = meta::read_table(f, h.refcount_table_offset, n).map_err(io)?;
+        let mut a = Allocator::new(cs, h.refcount_order);
+        a.used = Bits::default();
+        a.reftable = vec![0; n as usize];
+        a.reftable_at = h.refcount_table_offset / cs;
+        a.file_len = file_len;
+        let mut block = vec![0u8; cs as usize];
+        for (k, e) in raw.iter().enumerate() {
+            let off = e & meta::REFT_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off % cs != 0 || off + cs > file_len.next_multiple_of(cs) {
+                return Err(format!("refcount block {k} outside the file"));
+            }
+            a.reftable[k] = off / cs;
+            pread_full(f, &mut block, off).map_err(io)?;
+            let first = k as u64 * a.rbe;
+            for j in 0..a.rbe {
+                if meta::refblock_get(&block, h.refcount_order, j) != 0 {
+                    a.used.put(first + j, first + j + 1, true);
+                }
+            }
+        }
+        a.base = a.used.clone();
+        a.base_table = a.reftable.clone();
+        Ok(a)
+    }
+
+    /// Cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        self.cs
+    }
+
+    /// Whether the replay allocated or freed a cluster that refcount block
+    /// `k` counts.
+    pub fn refblock_changed(&self, k: usize) -> bool {
+        let first = k as u64 * self.rbe;
+        (first..first + self.rbe).any(|c| self.used.get(c) != self.base.get(c))
+    }
+
+    /// Bring refcount block `k` (its bytes as they were: read from the
+    /// file, or zeroes for a new block) up to date: clusters allocated by
+    /// the replay get 1, freed ones 0 unless `keep_freed` (a first pass
+    /// that must not free anything still referenced), others keep their
+    /// count.
+    pub fn fill_refblock(&self, k: usize, block: &mut [u8], keep_freed: bool) {
+        let first = k as u64 * self.rbe;
+        for j in 0..self.rbe {
+            let c = first + j;
+            match (self.used.get(c), self.base.get(c)) {
+                (true, false) => meta::refblock_set(block, self.refcount_order, j, 1),
+                (false, true) if !keep_freed => {
+                    meta::refblock_set(block, self.refcount_order, j, 0)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether refcount table entry `k` was a refcount block of the image
+    /// as loaded (then it is updated in place, not written from zeroes).
+    pub fn had_refblock(&self, k: usize, cluster: u64) -> bool {
+        cluster != 0 && self.base_table.get(k) == Some(&cluster)
     }
 
     /// Whether cluster `c` is in use.
-    pub fn used(&self, c: u64) -> bool {
+    #[cfg(test)]
+    fn used(&self, c: u64) -> bool {
         self.used.get(c)
     }
 
-    /// The last cluster in use.
-    pub fn last_used(&self) -> u64 {
-        self.used.last_set().unwrap_or(0)
+    /// `qcow2_get_last_cluster`: the last cluster in use within the file.
+    pub fn last_used(&self) -> Option<u64> {
+        self.used.last_set_below(self.file_len.div_ceil(self.cs))
+    }
+
+    /// `qcow2_free_clusters`: `n` clusters from `start` are no longer used;
+    /// the free index goes back to them.
+    pub fn release(&mut self, start: u64, n: u64) {
+        self.used.put(start, start + n, false);
+        if n > 0 {
+            self.free = self.free.min(start);
+        }
     }
 
     /// Note that `[.., end)` (bytes) has been written.
@@ -272,8 +382,7 @@ impl Allocator {
         let old = std::mem::replace(&mut self.reftable, table);
         let old_clusters = (old.len() as u64 * 8).div_ceil(self.cs);
         self.old_tables.push((old_at, old));
-        self.used.put(old_at, old_at + old_clusters, false);
-        self.free = self.free.min(old_at);
+        self.release(old_at, old_clusters);
         end
     }
 }
@@ -316,9 +425,12 @@ mod tests {
         b.put(64, 128, false);
         assert_eq!(b.first_set(10, 200), Some(10));
         assert_eq!(b.first_set(64, 200), Some(128));
-        assert_eq!(b.last_set(), Some(129));
+        assert_eq!(b.last_set_below(1000), Some(129));
+        assert_eq!(b.last_set_below(129), Some(128));
+        assert_eq!(b.last_set_below(128), Some(63));
+        assert_eq!(b.last_set_below(3), None);
         b.put(0, 10_000, false);
-        assert_eq!(b.last_set(), None);
+        assert_eq!(b.last_set_below(1000), None);
     }
 
     #[test]

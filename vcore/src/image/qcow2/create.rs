@@ -9,6 +9,7 @@
 
 use super::allocator::Allocator;
 use super::meta::{self, Header};
+use super::prealloc::{self, Plan};
 use imago::format::PreallocateMode;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -216,208 +217,43 @@ pub fn create_in(file: &File, o: &CreateOptions) -> Result<(), String> {
     // qcow2_co_create's truncate to the virtual size: an L1 table of
     // exactly the needed entries, written as far as its entries.
     let l1_size = h.l1_entries_for(o.size);
-    let l1 = (l1_size > 0).then(|| {
+    let l1_at = (l1_size > 0).then(|| {
         let at = a.alloc((l1_size * 8).div_ceil(cs));
         a.wrote(at * cs + l1_size * 8);
-        (at, l1_size)
+        at
     });
     let plan = match o.prealloc {
-        Prealloc::Off => Plan::default(),
-        Prealloc::Metadata => metadata(&mut a, &h, o.size),
-        Prealloc::Falloc | Prealloc::Full => allocated(&mut a, &h, o.size),
-    };
-    if a.reftable.len() as u64 > MAX_REFTABLE_ENTRIES {
+        Prealloc::Off => Some(Plan::default()),
+        Prealloc::Metadata => prealloc::metadata(&mut a, &h, &[], 0, o.size),
+        Prealloc::Falloc | Prealloc::Full => prealloc::allocated(&mut a, &h, &[], 0, o.size),
+    }
+    .ok_or("preallocation found an L2 table in a new image")?;
+    if a.reftable.len() as u64 * 8 > meta::MAX_REFTABLE_BYTES {
         return Err(
             "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
                 .into(),
         );
     }
-    write(file, &mut h, &a, l1, &plan, o)
-}
-
-/// QEMU's limit on refcount table entries (`QCOW_MAX_REFTABLE_SIZE`).
-const MAX_REFTABLE_ENTRIES: u64 = 8 << 20;
-
-/// Where preallocation put the L2 tables and data clusters.
-#[derive(Default)]
-struct Plan {
-    /// Host cluster of each L2 table, by L1 index.
-    l2: Vec<u64>,
-    /// Data runs: (first guest cluster, first host cluster, clusters).
-    runs: Vec<(u64, u64, u64)>,
-    /// Bytes of the file to allocate (falloc) or fill with zeroes (full).
-    data: Option<(u64, u64)>,
-}
-
-/// `preallocation=metadata`, as QEMU's `preallocate_co` does it: requests
-/// of at most `INT_MAX` bytes (cluster aligned); within one, L2 table by L2
-/// table, the table first, then the table's data clusters, contiguous
-/// with the request's previous ones where those clusters are free. The
-/// data clusters stay unwritten.
-fn metadata(a: &mut Allocator, h: &Header, size: u64) -> Plan {
-    let cs = h.cluster_size();
-    let l2e = h.l2_entries();
-    let guest = size.div_ceil(cs);
-    let request = ((i32::MAX as u64) & !(cs - 1)) / cs;
-    // handle_alloc's limit, BDRV_REQUEST_MAX_BYTES.
-    let piece = ((1u64 << 31) - 512) / cs;
-    let mut p = Plan::default();
-    let mut g = 0;
-    while g < guest {
-        let mut left = (guest - g).min(request);
-        let mut next = None;
-        while left > 0 {
-            if (g / l2e) as usize >= p.l2.len() {
-                let t = a.alloc(1);
-                a.wrote((t + 1) * cs);
-                p.l2.push(t);
-            }
-            let n = left.min(l2e - g % l2e).min(piece);
-            let (host, k) = match next {
-                None => (a.alloc(n), n),
-                Some(at) => (at, a.alloc_at(at, n)),
-            };
-            if k == 0 {
-                break;
-            }
-            p.runs.push((g, host, k));
-            g += k;
-            left -= k;
-            next = Some(host + k);
-        }
-    }
-    // The request's end: the file reaches at least the last data cluster.
-    if let Some(&(_, host, n)) = p.runs.last() {
-        a.wrote((host + n) * cs);
-    }
-    p
-}
-
-/// `preallocation=falloc|full`, as QEMU's `qcow2_co_truncate` does it: a
-/// new refcount table and blocks at the end of the file, sized exactly for
-/// everything to come; the data clusters right after them, allocated in
-/// the file; then the L2 tables (the first into the old refcount table's
-/// place, the others past the data).
-fn allocated(a: &mut Allocator, h: &Header, size: u64) -> Plan {
-    let cs = h.cluster_size();
-    let l2e = h.l2_entries();
-    let nb = size.div_ceil(cs);
-    let end = (a.last_used() + 1) * cs;
-    let tables = nb.div_ceil(l2e) + 1;
-    let start = a.area(end / cs, nb + tables, true, None);
-    let got = a.alloc_at(start, nb);
-    debug_assert_eq!(got, nb);
-    let from = a.file_len;
-    a.wrote((start + nb) * cs);
-    let mut p = Plan {
-        data: Some((from, (start + nb) * cs)),
-        ..Plan::default()
-    };
-    let mut g = 0;
-    while g < nb {
-        let t = a.alloc(1);
-        a.wrote((t + 1) * cs);
-        p.l2.push(t);
-        let n = (nb - g).min(l2e - g % l2e);
-        p.runs.push((g, start + g, n));
-        g += n;
-    }
-    p
-}
-
-/// Write the image the allocator and plan describe, the header last (an
-/// interrupted create leaves no qcow2 header pointing at missing tables).
-fn write(
-    file: &File,
-    h: &mut Header,
-    a: &Allocator,
-    l1: Option<(u64, u64)>,
-    p: &Plan,
-    o: &CreateOptions,
-) -> Result<(), String> {
-    let cs = h.cluster_size();
-    let bytes = |t: &[u64]| -> Vec<u64> { t.iter().map(|&c| c * cs).collect() };
+    // Cluster 0 stays zero (no magic) until every table is in place: an
+    // interrupted create never leaves a qcow2 header pointing at missing
+    // tables.
     h.serialize()?;
     file.write_all_at(&vec![0u8; cs as usize], 0)
         .map_err(io_err)?;
     // Replaced refcount tables keep their bytes where nothing else goes.
     for (at, t) in &a.old_tables {
-        meta::write_table(file, at * cs, &bytes(t)).map_err(io_err)?;
+        let t: Vec<u64> = t.iter().map(|&c| c * cs).collect();
+        meta::write_table(file, at * cs, &t).map_err(io_err)?;
     }
-    let rbe = a.refblock_entries();
-    let mut block = vec![0u8; cs as usize];
-    for (k, &b) in a.reftable.iter().enumerate() {
-        if b == 0 {
-            continue;
-        }
-        block.fill(0);
-        let first = k as u64 * rbe;
-        for j in 0..rbe {
-            if a.used(first + j) {
-                meta::refblock_set(&mut block, h.refcount_order, j, 1);
-            }
-        }
-        file.write_all_at(&block, b * cs).map_err(io_err)?;
-    }
-    meta::write_table(file, a.reftable_at * cs, &bytes(&a.reftable)).map_err(io_err)?;
-    let l2e = h.l2_entries() as usize;
-    let mut table = vec![0u8; cs as usize];
-    let mut run = p.runs.iter().peekable();
-    for (i, t) in p.l2.iter().enumerate() {
-        table.fill(0);
-        let g0 = (i * l2e) as u64;
-        while let Some(&&(g, host, n)) = run.peek() {
-            if g >= g0 + l2e as u64 {
-                break;
-            }
-            for c in 0..n {
-                let e = ((host + c) * cs) | meta::OFLAG_COPIED;
-                let at = (g + c - g0) as usize * 8;
-                table[at..at + 8].copy_from_slice(&e.to_be_bytes());
-            }
-            run.next();
-        }
-        file.write_all_at(&table, t * cs).map_err(io_err)?;
-    }
-    if let Some((at, n)) = l1 {
-        let entries: Vec<u64> = (0..n as usize)
-            .map(|i| p.l2.get(i).map_or(0, |t| (t * cs) | meta::OFLAG_COPIED))
-            .collect();
-        meta::write_table(file, at * cs, &entries).map_err(io_err)?;
-        h.l1_size = n as u32;
+    prealloc::write_refblocks(file, &a, false).map_err(io_err)?;
+    let t: Vec<u64> = a.reftable.iter().map(|&c| c * cs).collect();
+    meta::write_table(file, a.reftable_at * cs, &t).map_err(io_err)?;
+    prealloc::write(file, &h, &plan, o.prealloc, o.size)?;
+    if let Some(at) = l1_at {
+        let l1 = prealloc::l1_entries(&[], l1_size, &plan, cs);
+        meta::write_table(file, at * cs, &l1).map_err(io_err)?;
+        h.l1_size = l1_size as u32;
         h.l1_table_offset = at * cs;
-    }
-    match (o.prealloc, p.data) {
-        (Prealloc::Falloc, Some((from, to))) if to > from => {
-            crate::image::raw::fallocate(file, 0, from, to - from).map_err(|e| {
-                format!(
-                    "Failed to resize underlying file: Could not preallocate new data: {}",
-                    io_err(e)
-                )
-            })?;
-        }
-        (Prealloc::Full, Some((from, to))) if to > from => {
-            let zero = vec![0u8; (4 << 20).min(to - from) as usize];
-            let mut at = from;
-            while at < to {
-                let n = (to - at).min(zero.len() as u64) as usize;
-                file.write_all_at(&zero[..n], at).map_err(io_err)?;
-                at += n as u64;
-            }
-        }
-        _ => {}
-    }
-    // Metadata preallocation leaves the data clusters unwritten, but for
-    // the part of the last one past the image's end when that is not
-    // cluster aligned: QEMU's allocation covers only the request, so
-    // copy-on-write writes zeroes over the rest of the cluster.
-    let tail = (o.size % cs).next_multiple_of(512);
-    if let (Prealloc::Metadata, true, Some(&(_, host, n))) =
-        (o.prealloc, tail % cs != 0, p.runs.last())
-    {
-        let last = (host + n - 1) * cs;
-        file.write_all_at(&vec![0u8; (cs - tail) as usize], last + tail)
-            .map_err(io_err)?;
     }
     if file.metadata().map_err(io_err)?.len() < a.file_len {
         file.set_len(a.file_len).map_err(io_err)?;

@@ -6,6 +6,7 @@ pub mod check;
 pub mod create;
 pub mod map;
 pub mod meta;
+mod prealloc;
 pub mod resize;
 pub mod snapshot;
 pub mod writer;

@@ -1,0 +1,247 @@
+//! QEMU's preallocation of the clusters an image grows by (`create` and
+//! `resize` with `preallocation=metadata|falloc|full`), planned on the
+//! replayed allocator ([`super::allocator`]) and then written: which L2
+//! tables are new, where each run of data clusters goes, which bytes of
+//! the file to allocate.
+
+use super::allocator::Allocator;
+use super::create::Prealloc;
+use super::meta::{self, Header};
+use crate::image::raw::pread_full;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// Where preallocation puts the L2 tables and data clusters.
+#[derive(Default)]
+pub(super) struct Plan {
+    /// L2 tables the runs go into: (L1 index, host cluster, new).
+    pub l2: Vec<(usize, u64, bool)>,
+    /// Data runs: (first guest cluster, first host cluster, clusters).
+    pub runs: Vec<(u64, u64, u64)>,
+    /// Bytes of the file to allocate (falloc) or fill with zeroes (full).
+    pub data: Option<(u64, u64)>,
+}
+
+impl Plan {
+    /// The L2 table for L1 index `i`: the image's own (`l1` entries) if it
+    /// has one, else a new one from the allocator. `None` for a table
+    /// shared with a snapshot (QEMU would copy it first; not replayed).
+    fn table(&mut self, a: &mut Allocator, l1: &[u64], i: usize, cs: u64) -> Option<()> {
+        if self.l2.last().is_some_and(|t| t.0 == i) {
+            return Some(());
+        }
+        let e = l1.get(i).copied().unwrap_or(0);
+        if e & meta::OFFSET_MASK != 0 {
+            if e & meta::OFLAG_COPIED == 0 || (e & meta::OFFSET_MASK) % cs != 0 {
+                return None;
+            }
+            self.l2.push((i, (e & meta::OFFSET_MASK) / cs, false));
+        } else {
+            let t = a.alloc(1);
+            a.wrote((t + 1) * cs);
+            self.l2.push((i, t, true));
+        }
+        Some(())
+    }
+}
+
+/// `preallocation=metadata` from guest cluster `from` to `size` bytes, as
+/// QEMU's `preallocate_co` does it: requests of at most `INT_MAX` bytes
+/// (cluster aligned); within one, L2 table by L2 table, the table first,
+/// then the table's data clusters, contiguous with the request's previous
+/// ones where those clusters are free. The data clusters stay unwritten.
+pub(super) fn metadata(
+    a: &mut Allocator,
+    h: &Header,
+    l1: &[u64],
+    from: u64,
+    size: u64,
+) -> Option<Plan> {
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let guest = size.div_ceil(cs);
+    let request = ((i32::MAX as u64) & !(cs - 1)) / cs;
+    // handle_alloc's limit, BDRV_REQUEST_MAX_BYTES.
+    let piece = ((1u64 << 31) - 512) / cs;
+    let mut p = Plan::default();
+    let mut g = from;
+    while g < guest {
+        let mut left = (guest - g).min(request);
+        let mut next = None;
+        while left > 0 {
+            p.table(a, l1, (g / l2e) as usize, cs)?;
+            let n = left.min(l2e - g % l2e).min(piece);
+            let (host, k) = match next {
+                None => (a.alloc(n), n),
+                Some(at) => (at, a.alloc_at(at, n)),
+            };
+            if k == 0 {
+                break;
+            }
+            p.runs.push((g, host, k));
+            g += k;
+            left -= k;
+            next = Some(host + k);
+        }
+    }
+    // The request's end: the file reaches at least the last data cluster.
+    if let Some(&(_, host, n)) = p.runs.last() {
+        a.wrote((host + n) * cs);
+    }
+    Some(p)
+}
+
+/// `preallocation=falloc|full` from guest cluster `from` to `size` bytes,
+/// as QEMU's `qcow2_co_truncate` does it: a new refcount table and blocks
+/// past the last cluster in use, sized exactly for everything to come; the
+/// data clusters right after them, allocated in the file; then the L2
+/// tables (the first new one into the old refcount table's place, the
+/// others past the data).
+pub(super) fn allocated(
+    a: &mut Allocator,
+    h: &Header,
+    l1: &[u64],
+    from: u64,
+    size: u64,
+) -> Option<Plan> {
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let nb = size.div_ceil(cs).saturating_sub(from);
+    let end = a.last_used().map_or(a.file_len.div_ceil(cs), |c| c + 1);
+    let tables = nb.div_ceil(l2e) + 1;
+    let start = a.area(end, nb + tables, true, None);
+    if a.alloc_at(start, nb) != nb {
+        return None;
+    }
+    let data_from = a.file_len;
+    a.wrote((start + nb) * cs);
+    let mut p = Plan {
+        data: Some((data_from, (start + nb) * cs)),
+        ..Plan::default()
+    };
+    let mut g = from;
+    while g < from + nb {
+        p.table(a, l1, (g / l2e) as usize, cs)?;
+        let n = (from + nb - g).min(l2e - g % l2e);
+        p.runs.push((g, start + g - from, n));
+        g += n;
+    }
+    Some(p)
+}
+
+/// Whether the image's own L2 tables in the plan have nothing mapped
+/// where the runs go (else the plan would overwrite mappings).
+pub(super) fn fits(f: &File, h: &Header, p: &Plan) -> std::io::Result<bool> {
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let mut buf = vec![0u8; cs as usize];
+    for &(i, t, new) in &p.l2 {
+        if new {
+            continue;
+        }
+        pread_full(f, &mut buf, t * cs)?;
+        for &(g, _, n) in p.runs.iter().filter(|r| r.0 / l2e == i as u64) {
+            let at = ((g % l2e) * 8) as usize;
+            if buf[at..at + (n * 8) as usize].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Write the plan's L2 tables (new ones whole, the image's own ones
+/// updated) and preallocated data; for metadata preallocation of a size
+/// that is not cluster aligned, zero the rest of the last cluster as
+/// QEMU's copy-on-write does.
+pub(super) fn write(
+    f: &File,
+    h: &Header,
+    p: &Plan,
+    mode: Prealloc,
+    size: u64,
+) -> Result<(), String> {
+    let io = |e: std::io::Error| super::os_msg(&e);
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let mut table = vec![0u8; cs as usize];
+    for &(i, t, new) in &p.l2 {
+        if new {
+            table.fill(0);
+        } else {
+            pread_full(f, &mut table, t * cs).map_err(io)?;
+        }
+        for &(g, host, n) in p.runs.iter().filter(|r| r.0 / l2e == i as u64) {
+            for c in 0..n {
+                let e = ((host + c) * cs) | meta::OFLAG_COPIED;
+                let at = ((g + c) % l2e) as usize * 8;
+                table[at..at + 8].copy_from_slice(&e.to_be_bytes());
+            }
+        }
+        f.write_all_at(&table, t * cs).map_err(io)?;
+    }
+    match (mode, p.data) {
+        (Prealloc::Falloc, Some((from, to))) if to > from => {
+            crate::image::raw::fallocate(f, 0, from, to - from).map_err(|e| {
+                format!(
+                    "Failed to resize underlying file: Could not preallocate new data: {}",
+                    io(e)
+                )
+            })?;
+        }
+        (Prealloc::Full, Some((from, to))) if to > from => {
+            let zero = vec![0u8; (4 << 20).min(to - from) as usize];
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(zero.len() as u64) as usize;
+                f.write_all_at(&zero[..n], at).map_err(io)?;
+                at += n as u64;
+            }
+        }
+        _ => {}
+    }
+    let tail = (size % cs).next_multiple_of(512);
+    if let (Prealloc::Metadata, true, Some(&(_, host, n))) = (mode, tail % cs != 0, p.runs.last()) {
+        let last = (host + n - 1) * cs;
+        f.write_all_at(&vec![0u8; (cs - tail) as usize], last + tail)
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// L1 entries after the plan: `old` with the new L2 tables entered, `n`
+/// entries.
+pub(super) fn l1_entries(old: &[u64], n: u64, p: &Plan, cs: u64) -> Vec<u64> {
+    let mut l1 = old.to_vec();
+    l1.resize(n as usize, 0);
+    for &(i, t, new) in &p.l2 {
+        if new {
+            l1[i] = (t * cs) | meta::OFLAG_COPIED;
+        }
+    }
+    l1
+}
+
+/// Write every refcount block of the allocator's table (the image's own
+/// ones updated in place, new ones from zeroes); see
+/// [`Allocator::fill_refblock`] for `keep_freed`.
+pub(super) fn write_refblocks(f: &File, a: &Allocator, keep_freed: bool) -> std::io::Result<()> {
+    let cs = a.cluster_size();
+    let mut block = vec![0u8; cs as usize];
+    for (k, &b) in a.reftable.iter().enumerate() {
+        if b == 0 {
+            continue;
+        }
+        if a.had_refblock(k, b) {
+            if !a.refblock_changed(k) {
+                continue;
+            }
+            pread_full(f, &mut block, b * cs)?;
+        } else {
+            block.fill(0);
+        }
+        a.fill_refblock(k, &mut block, keep_freed);
+        f.write_all_at(&block, b * cs)?;
+    }
+    Ok(())
+}
