@@ -1372,6 +1372,37 @@ fn same_file(e: &Env, what: &str) {
     e.check_clean("v.qcow2");
 }
 
+/// `convert -o preallocation=...` writes the data into the clusters the
+/// target's creation mapped, as qemu-img does (not into new ones, which
+/// would leave the preallocated clusters unused): the same file.
+#[test]
+fn convert_into_preallocated_target_is_qemus_file() {
+    let Some(e) = Env::new() else { return };
+    let mut src = vec![0u8; 20 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for range in [0..3 << 20, 13 << 20..(13 << 20) + 196_608] {
+        for b in &mut src[range] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    std::fs::write(e.p().join("s.raw"), &src).unwrap();
+    for opts in [
+        "preallocation=metadata",
+        "preallocation=falloc",
+        "preallocation=full,cluster_size=4k",
+    ] {
+        let args = ["convert", "-f", "raw", "-O", "qcow2", "-o", opts, "s.raw"];
+        let q = e.q(&[&args[..], &["q.qcow2"]].concat());
+        let v = e.v(&[&args[..], &["v.qcow2"]].concat());
+        assert_eq!((q.rc, v.rc), (0, 0), "{opts}: {}", v.stderr);
+        same_file(&e, &format!("convert -o {opts}"));
+        e.identical("s.raw", "v.qcow2");
+    }
+}
+
 /// `resize` grows an image into exactly QEMU's file in every preallocation
 /// mode: the L1 table replaced by one of exactly the needed entries (also
 /// where that needs a new refcount block), metadata preallocation into the

@@ -95,7 +95,14 @@ pub fn run(a: ConvertArgs) -> R<()> {
         })
         .map_err(|f| creation_failure(f, dst, &out_fmt_name))?;
     }
-    if out_fmt == Format::Qcow2 && !a.no_create {
+    // A preallocated target (`-o preallocation=metadata|falloc|full`) is
+    // written in place, into the clusters its creation mapped, as qemu-img
+    // does; the sequential writer would map the data anew and leave the
+    // preallocated clusters unused.
+    let preallocated = parse_opts(&a.opts.join(","))
+        .iter()
+        .any(|(k, v)| k == "preallocation" && v != "off");
+    if out_fmt == Format::Qcow2 && !a.no_create && !preallocated {
         return convert_seq(&a, &mut sources, dst, total, sparse);
     }
     if a.compress {
