@@ -602,6 +602,8 @@ fn resize_matches_qemu_img() {
         ("raw", "1G", &["--preallocation=metadata", "+1G"]),
         ("raw", "1G", &["--preallocation=bogus", "+1G"]),
         ("qcow2", "1G", &["--shrink", "--", "-2G"]),
+        ("qcow2", "1G", &["--shrink", "--", "-1G"]),
+        ("raw", "1G", &["0"]),
         ("qcow2", "1G", &["abc"]),
         ("qcow2", "1G", &[]),
         (
@@ -649,8 +651,9 @@ fn resize_matches_qemu_img() {
         e.identical(&qn, &vn);
         if *fmt == "qcow2" {
             e.check_clean(&vn);
-            // Plain grows produce QEMU's exact layout.
-            if args.len() == 1 && args[0].starts_with('+') {
+            // Grows (any preallocation) and shrinks produce QEMU's exact
+            // layout.
+            if q.rc == 0 {
                 assert_eq!(
                     e.q(&["info", &qn]).stdout.replace(&qn, "X"),
                     e.q(&["info", &vn]).stdout.replace(&vn, "X"),
@@ -1138,7 +1141,7 @@ fn malformed_images_give_clear_errors_never_panics() {
 }
 
 /// kill -9 at random points of convert / convert -c / resize (also with
-/// preallocation) / snapshot:
+/// preallocation, and shrinking) / snapshot:
 /// qemu-img check must never find corruption (leaks are allowed), and the
 /// data written before the operation stays readable.
 #[test]
@@ -1200,6 +1203,7 @@ fn killed_operations_leave_no_corruption() {
             "resize-falloc",
             &["resize", "--preallocation=falloc", "T", "+200M"],
         ),
+        ("resize-shrink", &["resize", "--shrink", "T", "--", "-5M"]),
         ("snapshot-c", &["snapshot", "-c", "snap", "T"]),
         ("snapshot-d", &["snapshot", "-d", "old", "T"]),
         ("snapshot-a", &["snapshot", "-a", "old", "T"]),
@@ -1408,7 +1412,8 @@ fn convert_into_preallocated_target_is_qemus_file() {
 /// where that needs a new refcount block), metadata preallocation into the
 /// image's own last L2 table and new ones, refcount table growth (tiny
 /// clusters), falloc and full with the refcount table moved. The image
-/// holds data and, in one case, a snapshot (refcounts of 2 kept).
+/// holds data and, in one case, a snapshot (refcounts of 2 kept). And
+/// `resize --shrink` leaves QEMU's file too.
 #[test]
 fn resize_lays_out_qemus_file() {
     let Some(e) = Env::new() else { return };
@@ -1439,6 +1444,35 @@ fn resize_lays_out_qemus_file() {
         assert_eq!((q.rc, v.rc), (0, 0), "{what}: {}", v.stderr);
         same_file(&e, &what);
         e.io("v.qcow2", &["read -P 0x5a 4k 60k", "read -P 0x33 300k 8k"]);
+    }
+    // Shrinks: discarded clusters punched out, L2 tables past the end freed
+    // (and those QEMU allocates on the way), empty refcount blocks dropped,
+    // the file cut after the last cluster in use.
+    for (opts, delta) in [
+        ("cluster_size=512", "-50M"),
+        ("cluster_size=4k,refcount_bits=64", "-99M"),
+        ("cluster_size=64k,refcount_bits=1", "-99M"),
+        ("cluster_size=64k", "-70M"),
+        ("cluster_size=2M", "-1M"),
+    ] {
+        let what = format!("{opts} 100M --shrink {delta}");
+        e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", "100M"]);
+        e.io(
+            "b.qcow2",
+            &[
+                "write -P 0x5a 0 64k",
+                "write -P 0x33 30M 8M",
+                "write -P 0x11 90M 2M",
+            ],
+        );
+        for img in ["q.qcow2", "v.qcow2"] {
+            std::fs::copy(e.p().join("b.qcow2"), e.p().join(img)).unwrap();
+        }
+        let q = e.q(&["resize", "-q", "--shrink", "q.qcow2", "--", delta]);
+        let v = e.v(&["resize", "-q", "--shrink", "v.qcow2", "--", delta]);
+        assert_eq!((q.rc, v.rc), (0, 0), "{what}: {}", v.stderr);
+        same_file(&e, &what);
+        e.io("v.qcow2", &["read -P 0x5a 0 64k"]);
     }
 }
 

@@ -62,8 +62,8 @@ pub fn run(a: ResizeArgs) -> R<()> {
             Dev::Raw(RawDevice::from_file(file, false).map_err(|e| fail(open_error_text(&e)))?)
         }
         Format::Qcow2 => {
-            // Growing: QEMU's own layout (its allocator replayed), no
-            // imago needed.
+            // Growing, and shrinking with --shrink: QEMU's own layout (its
+            // allocator replayed), no imago needed.
             let h = vcore::image::qcow2::meta::Header::read(&file)
                 .map_err(|m| fail(format!("Could not open '{}': {m}", a.file)))?;
             if h.corrupt() {
@@ -77,6 +77,23 @@ pub fn run(a: ResizeArgs) -> R<()> {
                 -1 => (h.size as i128) - n as i128,
                 _ => n as i128,
             };
+            if target <= 0 {
+                return Err(fail("New image size must be positive"));
+            }
+            if a.shrink
+                && prealloc.is_none_or(|p| p == Prealloc::Off)
+                && (0..h.size as i128).contains(&target)
+                && target % 512 == 0
+            {
+                let shrunk = vcore::image::qcow2::resize::shrink(&file, target as u64)
+                    .map_err(|m| fail(format!("Failed to resize image: {m}")))?;
+                if shrunk {
+                    if !a.quiet {
+                        println!("Image resized.");
+                    }
+                    return Ok(());
+                }
+            }
             if target >= h.size as i128 && target <= i64::MAX as i128 {
                 let grown = vcore::image::qcow2::resize::grow(
                     &file,
@@ -106,7 +123,7 @@ pub fn run(a: ResizeArgs) -> R<()> {
         -1 => current - n as i128,
         _ => n as i128,
     };
-    if total < 0 {
+    if total <= 0 {
         return Err(fail("New image size must be positive"));
     }
     if total < current && !a.shrink {

@@ -133,6 +133,8 @@ pub(super) struct Allocator {
     pub old_tables: Vec<(u64, Vec<u64>)>,
     /// Length of the file so far: everything written ends before it.
     pub file_len: u64,
+    /// Whether the image as loaded has a refcount above 1 (snapshots).
+    pub shared: bool,
 }
 
 impl Allocator {
@@ -152,6 +154,7 @@ impl Allocator {
             reftable_at: 1,
             old_tables: Vec::new(),
             file_len: 3 * cs,
+            shared: false,
         };
         a.reftable[0] = 2;
         a.used.put(0, 3, true);
@@ -192,8 +195,10 @@ impl Allocator {
             pread_full(f, &mut block, off).map_err(io)?;
             let first = k as u64 * a.rbe;
             for j in 0..a.rbe {
-                if meta::refblock_get(&block, h.refcount_order, j) != 0 {
+                let r = meta::refblock_get(&block, h.refcount_order, j);
+                if r != 0 {
                     a.used.put(first + j, first + j + 1, true);
+                    a.shared |= r > 1;
                 }
             }
         }
@@ -239,15 +244,39 @@ impl Allocator {
         cluster != 0 && self.base_table.get(k) == Some(&cluster)
     }
 
-    /// Whether cluster `c` is in use.
-    #[cfg(test)]
-    fn used(&self, c: u64) -> bool {
-        self.used.get(c)
-    }
-
     /// `qcow2_get_last_cluster`: the last cluster in use within the file.
     pub fn last_used(&self) -> Option<u64> {
         self.used.last_set_below(self.file_len.div_ceil(self.cs))
+    }
+
+    /// Whether cluster `c` is in use.
+    pub fn is_used(&self, c: u64) -> bool {
+        self.used.get(c)
+    }
+
+    /// `qcow2_shrink_reftable`: drop the refcount blocks that count
+    /// nothing but (possibly) themselves, and free their clusters; the
+    /// dropped blocks' clusters.
+    pub fn drop_unused_refblocks(&mut self) -> Vec<u64> {
+        let unused: Vec<(usize, u64)> = (0..self.reftable.len())
+            .filter_map(|k| {
+                let b = self.reftable[k];
+                let first = k as u64 * self.rbe;
+                let mut at = first;
+                while let Some(u) = self.used.first_set(at, first + self.rbe) {
+                    if u != b {
+                        return None;
+                    }
+                    at = u + 1;
+                }
+                (b != 0).then_some((k, b))
+            })
+            .collect();
+        for &(k, b) in &unused {
+            self.reftable[k] = 0;
+            self.release(b, 1);
+        }
+        unused.into_iter().map(|(_, b)| b).collect()
     }
 
     /// `qcow2_free_clusters`: `n` clusters from `start` are no longer used;
@@ -448,7 +477,7 @@ mod tests {
         assert_eq!(a.alloc(61), 3);
         assert_eq!(a.alloc(10), 64);
         assert_eq!(a.reftable[1], 74);
-        assert!(a.used(63) && a.used(74) && !a.used(75));
+        assert!(a.is_used(63) && a.is_used(74) && !a.is_used(75));
     }
 
     #[test]

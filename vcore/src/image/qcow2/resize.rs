@@ -1,4 +1,4 @@
-//! Growing a qcow2 image the way QEMU does it (`qcow2_co_truncate`), with
+//! Growing and shrinking a qcow2 image the way QEMU does it (`qcow2_co_truncate`), with
 //! QEMU's layout: QEMU's cluster allocator is replayed over the image's
 //! refcounts ([`super::allocator`]); the L1 table, when it must grow, is
 //! replaced by one of exactly the needed entries in the first free
@@ -112,4 +112,160 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
     prealloc::write_refblocks(f, &a, false).map_err(io)?;
     f.sync_data().map_err(io)?;
     Ok(true)
+}
+
+/// Shrink the image in `f` to `new_size` bytes as QEMU's
+/// `qcow2_co_truncate` does: the clusters past the new end are discarded
+/// L2 slice by L2 slice (an L2 range without a table gets one first, as
+/// QEMU's `get_cluster_table` allocates it), freed clusters are punched
+/// out of the file, the L1 entries past the new end are zeroed and their
+/// L2 tables freed (the L1 table keeps its size), refcount blocks left
+/// counting nothing are dropped, and the file is cut after the last
+/// cluster in use. `Ok(false)` (nothing written) where this replay does
+/// not apply: snapshots or other shared clusters, compressed clusters in
+/// the discarded range, lazy refcounts, dirty or corrupt images, extended
+/// L2 entries or an external data file.
+pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
+    let h = Header::read(f)?;
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let io = |e: std::io::Error| e.to_string();
+    let start = new_size.div_ceil(cs);
+    let end = h.size.div_ceil(cs);
+    if new_size >= h.size
+        || new_size % 512 != 0
+        || start * cs > h.size
+        || h.dirty()
+        || h.corrupt()
+        || h.nb_snapshots != 0
+        || h.compatible & meta::COMPAT_LAZY_REFCOUNTS != 0
+        || h.incompatible & (meta::INCOMPAT_EXTL2 | meta::INCOMPAT_DATA_FILE) != 0
+    {
+        return Ok(false);
+    }
+    let Ok(mut a) = Allocator::load(f, &h) else {
+        return Ok(false);
+    };
+    if a.shared
+        || h.l1_table_offset % cs != 0
+        || h.l1_table_offset + h.l1_size as u64 * 8 > a.file_len
+    {
+        return Ok(false);
+    }
+    let mut l1 = meta::read_table(f, h.l1_table_offset, h.l1_size as u64).map_err(io)?;
+    // 1. Discard [start, end), one L2 table at a time.
+    let mut tables: Vec<(usize, Vec<u64>, bool)> = Vec::new();
+    let mut punched: Vec<u64> = Vec::new();
+    let mut g = start;
+    while g < end {
+        let i = (g / l2e) as usize;
+        let n = (end - g).min(l2e - g % l2e);
+        let Some(&e) = l1.get(i) else {
+            return Ok(false);
+        };
+        let (mut t, new) = if e & meta::OFFSET_MASK == 0 {
+            let t = a.alloc(1);
+            a.wrote((t + 1) * cs);
+            l1[i] = (t * cs) | meta::OFLAG_COPIED;
+            (vec![0u64; l2e as usize], true)
+        } else if e & meta::OFLAG_COPIED == 0 || (e & meta::OFFSET_MASK) % cs != 0 {
+            return Ok(false);
+        } else {
+            (
+                meta::read_table(f, e & meta::OFFSET_MASK, l2e).map_err(io)?,
+                false,
+            )
+        };
+        for j in (g % l2e)..(g % l2e + n) {
+            let x = t[j as usize];
+            if x & meta::OFLAG_COMPRESSED != 0 {
+                return Ok(false);
+            }
+            let host = x & meta::OFFSET_MASK;
+            if host != 0 {
+                if host % cs != 0 || !a.is_used(host / cs) {
+                    return Ok(false);
+                }
+                a.release(host / cs, 1);
+                punched.push(host / cs);
+            }
+            t[j as usize] = 0;
+        }
+        tables.push((i, t, new));
+        g += n;
+    }
+    // 2. The L1 entries past the new end: zeroed, their tables freed.
+    let keep = h.l1_entries_for(new_size) as usize;
+    for i in (keep..l1.len()).rev() {
+        let t = l1[i] & meta::OFFSET_MASK;
+        if t != 0 {
+            if t % cs != 0 || !a.is_used(t / cs) {
+                return Ok(false);
+            }
+            a.release(t / cs, 1);
+            punched.push(t / cs);
+        }
+        l1[i] = 0;
+    }
+    // 3. Refcount blocks left counting nothing.
+    punched.extend(a.drop_unused_refblocks());
+    // 4. The file ends after the last cluster in use.
+    let len = match a.last_used() {
+        Some(c) if (c + 1) * cs < a.file_len => (c + 1) * cs,
+        _ => a.file_len,
+    };
+    // Writes: refcounts of new L2 tables first, then the tables (entries
+    // cleared before anything they pointed to is freed), the L1 table,
+    // the freed clusters' refcounts, holes, length, and the size last.
+    prealloc::write_refblocks(f, &a, true).map_err(io)?;
+    for (i, t, new) in &tables {
+        let at = l1[*i] & meta::OFFSET_MASK;
+        if at != 0 && (!new || *i < keep) {
+            meta::write_table(f, at, t).map_err(io)?;
+        }
+    }
+    for (i, _, new) in &tables {
+        if *new && *i < keep {
+            f.write_all_at(&l1[*i].to_be_bytes(), h.l1_table_offset + *i as u64 * 8)
+                .map_err(io)?;
+        }
+    }
+    if keep < l1.len() {
+        let from = h.l1_table_offset + keep as u64 * 8;
+        let n = (l1.len() - keep) as u64 * 8;
+        zero_range(f, from, n).map_err(io)?;
+    }
+    f.sync_data().map_err(io)?;
+    prealloc::write_refblocks(f, &a, false).map_err(io)?;
+    let t: Vec<u64> = a.reftable.iter().map(|&c| c * cs).collect();
+    meta::write_table(f, a.reftable_at * cs, &t).map_err(io)?;
+    punched.sort_unstable();
+    punched.dedup();
+    for c in punched {
+        if !a.is_used(c) && c * cs < len {
+            let _ = crate::image::raw::fallocate(
+                f,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                c * cs,
+                cs,
+            );
+        }
+    }
+    if f.metadata().map_err(io)?.len() != len {
+        f.set_len(len).map_err(io)?;
+    }
+    f.sync_data().map_err(io)?;
+    f.write_all_at(&new_size.to_be_bytes(), 24).map_err(io)?;
+    f.sync_data().map_err(io)?;
+    Ok(true)
+}
+
+/// `bdrv_co_pwrite_zeroes` on a file as QEMU's file driver does it: the
+/// file system zeroes the range (whole blocks become unwritten extents);
+/// written zeroes where it cannot.
+fn zero_range(f: &File, at: u64, n: u64) -> std::io::Result<()> {
+    if crate::image::raw::fallocate(f, libc::FALLOC_FL_ZERO_RANGE, at, n).is_ok() {
+        return Ok(());
+    }
+    f.write_all_at(&vec![0u8; n as usize], at)
 }
