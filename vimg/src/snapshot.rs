@@ -182,20 +182,9 @@ pub fn run_amend(file: Option<&str>, fmt: Option<&str>, opts: &[String], quiet: 
     qsnap::amend(&f, v3, lazy, bits).map_err(fail)
 }
 
-/// QEMU's `qcow2_refcount_metadata_size`.
+/// QEMU's `qcow2_refcount_metadata_size`, in bytes.
 fn refcount_metadata_size(clusters: u64, cs: u64, order: u32) -> u64 {
-    let per_table = cs / 8;
-    let per_block = cs * 8 / (1 << order);
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table);
-        n = clusters + blocks + table;
-        if n == last {
-            break;
-        }
-    }
+    let (blocks, table) = vcore::image::qcow2::refcount_metadata(clusters, cs, order, false);
     (blocks + table) * cs
 }
 

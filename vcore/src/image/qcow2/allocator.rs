@@ -378,7 +378,7 @@ impl Allocator {
     /// the first cluster past the new structures.
     pub fn area(&mut self, start: u64, extra: u64, exact: bool, new: Option<(usize, u64)>) -> u64 {
         let per = self.cs / 8;
-        let total = refblocks_for(start + extra, self.cs, self.refcount_order, !exact);
+        let total = refcount_metadata(start + extra, self.cs, self.refcount_order, !exact).0;
         let mut size = if exact {
             total
         } else {
@@ -416,10 +416,16 @@ impl Allocator {
     }
 }
 
-/// `qcow2_refcount_metadata_size`'s refcount block count: the fixed point
-/// of blocks and table clusters that count `clusters` and themselves
-/// (`generous`: the table counted with 50% spare, as a growing table is).
-pub fn refblocks_for(clusters: u64, cs: u64, refcount_order: u32, generous: bool) -> u64 {
+/// `qcow2_refcount_metadata_size`: the refcount blocks and refcount table
+/// clusters that count `clusters` and themselves, the fixed point of the
+/// two (`generous`: the table counted with 50% spare, as a growing table
+/// is).
+pub fn refcount_metadata(
+    clusters: u64,
+    cs: u64,
+    refcount_order: u32,
+    generous: bool,
+) -> (u64, u64) {
     let rbe = (cs * 8) >> refcount_order;
     let per = cs / 8;
     let (mut clusters, mut generous) = (clusters, generous);
@@ -431,7 +437,7 @@ pub fn refblocks_for(clusters: u64, cs: u64, refcount_order: u32, generous: bool
         n = clusters + blocks + table;
         if n == last {
             if !generous {
-                return blocks;
+                return (blocks, table);
             }
             clusters += table.div_ceil(2);
             n = 0;
@@ -482,10 +488,11 @@ mod tests {
 
     #[test]
     fn refblock_count_is_a_fixed_point() {
-        assert_eq!(refblocks_for(3, 65536, 4, false), 1);
-        assert_eq!(refblocks_for(32768, 65536, 4, false), 2);
+        assert_eq!(refcount_metadata(3, 65536, 4, false), (1, 1));
+        assert_eq!(refcount_metadata(32768, 65536, 4, false), (2, 1));
         // 512 B clusters, 16-bit: 256 per block, 64 per table cluster.
-        let b = refblocks_for(100_000, 512, 4, false);
-        assert!(b * 256 >= 100_000 + b + b.div_ceil(64));
+        let (b, t) = refcount_metadata(100_000, 512, 4, false);
+        assert_eq!(t, b.div_ceil(64));
+        assert!(b * 256 >= 100_000 + b + t);
     }
 }

@@ -2,6 +2,7 @@
 //! consistency check and repair ([`check`]), creation ([`create`]).
 
 mod allocator;
+pub use allocator::refcount_metadata;
 pub mod check;
 pub mod create;
 pub mod map;
