@@ -1,8 +1,9 @@
 //! QEMU's qcow2 cluster allocator, replayed in memory so that a new image
-//! can be laid out exactly as `qemu-img create` lays it out, then written
-//! in one pass (a 200 GiB image with metadata preallocation has 3.2
-//! million clusters; mapping them one by one through a generic writer is
-//! what made this slow).
+//! is laid out exactly as `qemu-img create` lays it out, and a grown or
+//! shrunk one as `qemu-img resize` leaves it, then written in one pass (a
+//! 200 GiB image with metadata preallocation has 3.2 million clusters;
+//! mapping them one by one through a generic writer is what made this
+//! slow).
 //!
 //! The rules are QEMU's (`block/qcow2-refcount.c`), written down here from
 //! what they do:
@@ -109,7 +110,7 @@ impl Bits {
 /// table) first; QEMU's `-EAGAIN`: the caller searches again.
 struct Again;
 
-/// QEMU's cluster allocator over a new image.
+/// QEMU's cluster allocator over an image.
 pub(super) struct Allocator {
     cs: u64,
     /// Refcount entries per refcount block.
@@ -164,7 +165,8 @@ impl Allocator {
     /// The allocator over an existing image: which clusters its refcount
     /// blocks count, its refcount table, the free index at 0 (as QEMU
     /// opens an image). Refcount structures that point outside the file or
-    /// are misaligned are refused.
+    /// are misaligned, and refcounts for clusters past the file's end, are
+    /// refused (they also bound the memory used here).
     pub fn load(f: &File, h: &Header) -> Result<Allocator, String> {
         let cs = h.cluster_size();
         let io = |e: std::io::Error| e.to_string();
@@ -196,6 +198,9 @@ impl Allocator {
             let first = k as u64 * a.rbe;
             for j in 0..a.rbe {
                 let r = meta::refblock_get(&block, h.refcount_order, j);
+                if r != 0 && first + j >= file_len.div_ceil(cs) {
+                    return Err(format!("refcount for cluster {} past the file", first + j));
+                }
                 if r != 0 {
                     a.used.put(first + j, first + j + 1, true);
                     a.shared |= r > 1;

@@ -25,14 +25,16 @@ pub(super) struct Plan {
 impl Plan {
     /// The L2 table for L1 index `i`: the image's own (`l1` entries) if it
     /// has one, else a new one from the allocator. `None` for a table
-    /// shared with a snapshot (QEMU would copy it first; not replayed).
+    /// shared with a snapshot (QEMU would copy it first; not replayed) or
+    /// one outside the file.
     fn table(&mut self, a: &mut Allocator, l1: &[u64], i: usize, cs: u64) -> Option<()> {
         if self.l2.last().is_some_and(|t| t.0 == i) {
             return Some(());
         }
         let e = l1.get(i).copied().unwrap_or(0);
         if e & meta::OFFSET_MASK != 0 {
-            if e & meta::OFLAG_COPIED == 0 || (e & meta::OFFSET_MASK) % cs != 0 {
+            let at = e & meta::OFFSET_MASK;
+            if e & meta::OFLAG_COPIED == 0 || at % cs != 0 || at + cs > a.file_len {
                 return None;
             }
             self.l2.push((i, (e & meta::OFFSET_MASK) / cs, false));

@@ -168,7 +168,10 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
             a.wrote((t + 1) * cs);
             l1[i] = (t * cs) | meta::OFLAG_COPIED;
             (vec![0u64; l2e as usize], true)
-        } else if e & meta::OFLAG_COPIED == 0 || (e & meta::OFFSET_MASK) % cs != 0 {
+        } else if e & meta::OFLAG_COPIED == 0
+            || (e & meta::OFFSET_MASK) % cs != 0
+            || (e & meta::OFFSET_MASK) + cs > a.file_len
+        {
             return Ok(false);
         } else {
             (
