@@ -207,6 +207,16 @@ impl Allocator {
                 }
             }
         }
+        // The header, refcount table and blocks must be counted: else the
+        // replay would hand their clusters out (QEMU would refuse to write
+        // over them; leave such images to the repair path).
+        let table_clusters = (n * 8).div_ceil(cs);
+        if !a.counted(0, 1)
+            || !a.counted(a.reftable_at, table_clusters)
+            || a.reftable.iter().any(|&b| b != 0 && !a.counted(b, 1))
+        {
+            return Err("refcount structures are not counted".into());
+        }
         a.base = a.used.clone();
         a.base_table = a.reftable.clone();
         Ok(a)
@@ -257,6 +267,11 @@ impl Allocator {
     /// Whether cluster `c` is in use.
     pub fn is_used(&self, c: u64) -> bool {
         self.used.get(c)
+    }
+
+    /// Whether all `n` clusters from `start` are in use.
+    pub fn counted(&self, start: u64, n: u64) -> bool {
+        (start..start + n).all(|c| self.used.get(c))
     }
 
     /// `qcow2_shrink_reftable`: drop the refcount blocks that count

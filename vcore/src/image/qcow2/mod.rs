@@ -128,6 +128,68 @@ fn open_backing(
     }
 }
 
+/// Before writing: the header, refcount table, L1 table and refcount
+/// blocks must have a refcount, else allocating would hand their clusters
+/// out (QEMU refuses such writes as "invalid write on metadata" and marks
+/// the image corrupt; imago would recurse without end when the header
+/// cluster looks free). Reads only the refcount blocks covering them.
+fn metadata_counted(f: &File, h: &Header) -> std::result::Result<(), String> {
+    let cs = h.cluster_size();
+    let n = h.refcount_table_clusters as u64 * cs / 8;
+    if n * 8 > meta::MAX_REFTABLE_BYTES {
+        return Err("Refcount table too large".into());
+    }
+    let table = meta::read_table(f, h.refcount_table_offset, n).map_err(|e| os_msg(&e))?;
+    let rb_bits = h.cluster_bits + 3 - h.refcount_order;
+    let mut block = vec![0u8; cs as usize];
+    let mut loaded = None;
+    let mut refcount = |c: u64| -> std::result::Result<u64, String> {
+        let k = (c >> rb_bits) as usize;
+        let off = table.get(k).map_or(0, |e| e & meta::REFT_OFFSET_MASK);
+        if off == 0 || off % cs != 0 {
+            return Ok(0);
+        }
+        if loaded != Some(off) {
+            crate::image::raw::pread_full(f, &mut block, off).map_err(|e| os_msg(&e))?;
+            loaded = Some(off);
+        }
+        Ok(meta::refblock_get(
+            &block,
+            h.refcount_order,
+            c & ((1 << rb_bits) - 1),
+        ))
+    };
+    let mut need = vec![("header", 0u64, 1u64)];
+    need.push((
+        "refcount table",
+        h.refcount_table_offset / cs,
+        (n * 8).div_ceil(cs),
+    ));
+    if h.l1_size > 0 {
+        need.push((
+            "L1 table",
+            h.l1_table_offset / cs,
+            (h.l1_size as u64 * 8).div_ceil(cs),
+        ));
+    }
+    for e in &table {
+        let off = e & meta::REFT_OFFSET_MASK;
+        if off != 0 {
+            need.push(("refcount block", off / cs, 1));
+        }
+    }
+    for (what, first, count) in need {
+        for c in first..first + count.min(1 << 20) {
+            if refcount(c)? == 0 {
+                return Err(format!(
+                    "qcow2: The {what} in cluster {c} has no refcount; the image needs repair (vimg check -r all)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The OS part of an io::Error, like strerror (without "(os error N)").
 pub fn os_msg(e: &std::io::Error) -> String {
     match e.raw_os_error() {
@@ -158,6 +220,9 @@ impl Qcow2Device {
             check::check(&file, check::Fix::ALL, &mut |_| {}).map_err(|e| fmt_err(path, e))?;
         }
         let header = Header::read(&file).map_err(|m| fmt_err(path, m))?;
+        if !opts.read_only {
+            metadata_counted(&file, &header).map_err(|m| fmt_err(path, m))?;
+        }
         if header.incompatible & (meta::INCOMPAT_EXTL2 | meta::INCOMPAT_DATA_FILE) != 0 {
             return Err(fmt_err(
                 path,

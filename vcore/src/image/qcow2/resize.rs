@@ -46,6 +46,9 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
         return Ok(false);
     }
     let old_l1 = meta::read_table(f, h.l1_table_offset, h.l1_size as u64).map_err(io)?;
+    if !tables_counted(&a, &h, &old_l1) {
+        return Ok(false);
+    }
     let grown = need > h.l1_size as u64;
     let l1_at = if grown {
         let at = a.alloc((need * 8).div_ceil(cs));
@@ -153,6 +156,9 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
         return Ok(false);
     }
     let mut l1 = meta::read_table(f, h.l1_table_offset, h.l1_size as u64).map_err(io)?;
+    if !tables_counted(&a, &h, &l1) {
+        return Ok(false);
+    }
     // 1. Discard [start, end), one L2 table at a time.
     let mut tables: Vec<(usize, Vec<u64>, bool)> = Vec::new();
     let mut punched: Vec<u64> = Vec::new();
@@ -271,4 +277,16 @@ fn zero_range(f: &File, at: u64, n: u64) -> std::io::Result<()> {
         return Ok(());
     }
     f.write_all_at(&vec![0u8; n as usize], at)
+}
+
+/// Whether the L1 table and the L2 tables it points to are counted (else
+/// the replay could hand their clusters out).
+fn tables_counted(a: &Allocator, h: &Header, l1: &[u64]) -> bool {
+    let cs = h.cluster_size();
+    let l1_clusters = (h.l1_size as u64 * 8).div_ceil(cs);
+    a.counted(h.l1_table_offset / cs, l1_clusters)
+        && l1.iter().all(|&e| {
+            let t = e & meta::OFFSET_MASK;
+            t == 0 || (t % cs == 0 && a.counted(t / cs, 1))
+        })
 }
