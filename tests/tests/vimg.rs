@@ -1424,6 +1424,35 @@ fn convert_into_preallocated_target_is_qemus_file() {
     }
 }
 
+/// `amend` leaves QEMU's file: the header rewritten as a whole cluster, and
+/// for a refcount width change the new structures where QEMU puts them,
+/// with the old (freed) blocks holding the counts QEMU leaves in them.
+#[test]
+fn amend_leaves_qemus_file() {
+    let Some(e) = Env::new() else { return };
+    for (create, amend) in [
+        ("cluster_size=64k", "compat=0.10"),
+        ("cluster_size=64k", "lazy_refcounts=on"),
+        ("cluster_size=64k", "refcount_bits=4"),
+        ("cluster_size=4k", "refcount_bits=64"),
+        ("cluster_size=512", "refcount_bits=1"),
+    ] {
+        let what = format!("{create}: amend -o {amend}");
+        e.q(&[
+            "create", "-q", "-f", "qcow2", "-o", create, "b.qcow2", "100M",
+        ]);
+        e.io("b.qcow2", &["write -P 1 0 3M", "write -P 2 50M 1M"]);
+        for img in ["q.qcow2", "v.qcow2"] {
+            std::fs::copy(e.p().join("b.qcow2"), e.p().join(img)).unwrap();
+        }
+        let q = e.q(&["amend", "-o", amend, "q.qcow2"]);
+        let v = e.v(&["amend", "-o", amend, "v.qcow2"]);
+        assert_eq!((q.rc, v.rc), (0, 0), "{what}: {}", v.stderr);
+        same_file(&e, &what);
+        e.io("v.qcow2", &["read -P 1 0 3M", "read -P 2 50M 1M"]);
+    }
+}
+
 /// `resize` grows an image into exactly QEMU's file in every preallocation
 /// mode: the L1 table replaced by one of exactly the needed entries (also
 /// where that needs a new refcount block), metadata preallocation into the

@@ -810,6 +810,7 @@ pub fn change_refcount_order(f: &File, order: u32) -> Result<(), String> {
     if t.v.iter().any(|&r| r > max) {
         return Err("Cannot decrease refcount entry width: some refcounts are too large".into());
     }
+    let old = (ctx.h.clone(), ctx.reftable.clone());
     ctx.h.refcount_order = order;
     t.rbe = ctx.h.refblock_entries();
     t.max = max;
@@ -820,6 +821,47 @@ pub fn change_refcount_order(f: &File, order: u32) -> Result<(), String> {
     let r = check(f, Fix::LEAKS, &mut |_| {})?;
     if r.corruptions != 0 {
         return Err("refcount width change left the image inconsistent".into());
+    }
+    count_in_old_blocks(f, &old.0, &old.1).map_err(|e| e.to_string())
+}
+
+/// QEMU allocates the new refcount structures of a width change through
+/// the old ones, which it then frees without wiping: their bytes count the
+/// new structures' clusters. Leave the same (unreferenced) bytes, so the
+/// file is QEMU's.
+fn count_in_old_blocks(f: &File, old: &Header, old_table: &[u64]) -> std::io::Result<()> {
+    let new = Header::read(f).map_err(std::io::Error::other)?;
+    let cs = new.cluster_size();
+    let n = new.refcount_table_clusters as u64 * cs / 8;
+    let table = meta::read_table(f, new.refcount_table_offset, n)?;
+    let mut clusters: Vec<u64> = table
+        .iter()
+        .map(|e| e & meta::REFT_OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .map(|o| o / cs)
+        .collect();
+    let first = new.refcount_table_offset / cs;
+    clusters.extend(first..first + new.refcount_table_clusters as u64);
+    let rbe = old.refblock_entries();
+    let mut block = vec![0u8; cs as usize];
+    for (k, e) in old_table.iter().enumerate() {
+        let at = e & meta::REFT_OFFSET_MASK;
+        if at == 0 || at % cs != 0 {
+            continue;
+        }
+        let mine: Vec<u64> = clusters
+            .iter()
+            .filter(|&&c| c / rbe == k as u64)
+            .map(|&c| c % rbe)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        pread_full(f, &mut block, at)?;
+        for j in mine {
+            meta::refblock_set(&mut block, old.refcount_order, j, 1);
+        }
+        f.write_all_at(&block, at)?;
     }
     Ok(())
 }

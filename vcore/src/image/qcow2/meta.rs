@@ -497,15 +497,14 @@ impl Header {
         Ok(b)
     }
 
-    /// Write the serialized header over the start of cluster 0 (the rest of
-    /// the cluster is zeroed up to `zero_to` bytes).
+    /// Write the serialized header as cluster 0, zero-padded to the whole
+    /// cluster, as QEMU's `qcow2_update_header` does (which also clears the
+    /// stale bytes of a previous, longer header).
     pub fn write(&self, f: &File) -> std::io::Result<()> {
         let mut b = self
             .serialize()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        // Clear stale bytes of a previous, longer header.
-        let pad = (b.len() + 1024).min(self.cluster_size() as usize);
-        b.resize(pad, 0);
+        b.resize(b.len().max(self.cluster_size() as usize), 0);
         f.write_all_at(&b, 0)
     }
 }
