@@ -1424,6 +1424,50 @@ fn convert_into_preallocated_target_is_qemus_file() {
     }
 }
 
+/// `check -r` leaves QEMU's file: leaked clusters freed with a discard
+/// (their space goes back, as QEMU's `DISCARD_ALWAYS`), a missing refcount
+/// rebuilt into new structures, a refcount too high lowered.
+#[test]
+fn repair_leaves_qemus_file() {
+    let Some(e) = Env::new() else { return };
+    e.q(&["create", "-q", "-f", "qcow2", "b.qcow2", "100M"]);
+    e.io("b.qcow2", &["write -P 1 0 3M", "write -P 2 50M 1M"]);
+    let base = std::fs::read(e.p().join("b.qcow2")).unwrap();
+    let be = |o: usize| u64::from_be_bytes(base[o..o + 8].try_into().unwrap()) as usize;
+    let l2 = be(be(40)) & 0x00ff_ffff_ffff_fe00;
+    let rb = be(be(48));
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // Guest cluster 3's mapping dropped: its host cluster leaks.
+    let mut b = base.clone();
+    b[l2 + 24..l2 + 32].fill(0);
+    cases.push(("leaked data cluster", b));
+    // Cluster 5 (data) counted 0: refcount structures rebuilt.
+    let mut b = base.clone();
+    b[rb + 10..rb + 12].copy_from_slice(&0u16.to_be_bytes());
+    cases.push(("refcount 0", b));
+    // Cluster 5 counted 2.
+    let mut b = base.clone();
+    b[rb + 10..rb + 12].copy_from_slice(&2u16.to_be_bytes());
+    cases.push(("refcount 2", b));
+    for (what, img) in &cases {
+        for mode in ["leaks", "all"] {
+            for f in ["q.qcow2", "v.qcow2"] {
+                std::fs::write(e.p().join(f), img).unwrap();
+            }
+            let q = e.q(&["check", "-r", mode, "q.qcow2"]);
+            let v = e.v(&["check", "-r", mode, "v.qcow2"]);
+            assert_eq!(
+                (q.rc, q.stdout, q.stderr.replace("qemu-img", "vimg")),
+                (v.rc, v.stdout, v.stderr.clone()),
+                "{what}, -r {mode}"
+            );
+            if q.rc == 0 {
+                same_file(&e, &format!("{what}, -r {mode}"));
+            }
+        }
+    }
+}
+
 /// `amend` leaves QEMU's file: the header rewritten as a whole cluster, and
 /// for a refcount width change the new structures where QEMU puts them,
 /// with the old (freed) blocks holding the counts QEMU leaves in them.

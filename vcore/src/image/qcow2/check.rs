@@ -17,6 +17,9 @@ pub struct Fix {
     pub leaks: bool,
     /// Repair corruptions (and rebuild refcount structures if needed).
     pub errors: bool,
+    /// Punch the clusters a repair frees out of the file (QEMU frees them
+    /// with a discard).
+    pub discard: bool,
 }
 
 impl Fix {
@@ -24,16 +27,19 @@ impl Fix {
     pub const NONE: Fix = Fix {
         leaks: false,
         errors: false,
+        discard: false,
     };
     /// `-r leaks`.
     pub const LEAKS: Fix = Fix {
         leaks: true,
         errors: false,
+        discard: true,
     };
     /// `-r all`.
     pub const ALL: Fix = Fix {
         leaks: true,
         errors: true,
+        discard: true,
     };
     fn any(self) -> bool {
         self.leaks || self.errors
@@ -469,6 +475,18 @@ fn compare(
             log(&format!("{what} cluster {i} refcount={r1} reference={r2}"));
             if let Some(leak) = fixed {
                 if ctx.set_refcount(i, r2).is_ok() {
+                    if r2 == 0 && fix.discard {
+                        // QEMU frees with discard: the space goes back.
+                        let cs = ctx.h.cluster_size();
+                        if i * cs < ctx.file_len {
+                            let _ = crate::image::raw::fallocate(
+                                ctx.f,
+                                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                                i * cs,
+                                cs,
+                            );
+                        }
+                    }
                     if leak {
                         res.leaks_fixed += 1;
                     } else {
@@ -712,7 +730,10 @@ fn check_refcounts(f: &File, fix: Fix, res: &mut CheckResult, log: Log) -> Resul
             compare(
                 &mut ctx,
                 &mut r2,
-                Fix::LEAKS,
+                Fix {
+                    discard: fix.discard,
+                    ..Fix::LEAKS
+                },
                 &mut rebuild,
                 &mut highest,
                 &t2,
@@ -817,8 +838,13 @@ pub fn change_refcount_order(f: &File, order: u32) -> Result<(), String> {
     // New structures carry the new width; the header switch below makes
     // them live (order first would misread the old blocks).
     rebuild_structure(&mut ctx, &mut t)?;
-    // Old structures are now leaked: free them.
-    let r = check(f, Fix::LEAKS, &mut |_| {})?;
+    // Old structures are now leaked: free them (without a discard, as
+    // QEMU frees them).
+    let keep = Fix {
+        discard: false,
+        ..Fix::LEAKS
+    };
+    let r = check(f, keep, &mut |_| {})?;
     if r.corruptions != 0 {
         return Err("refcount width change left the image inconsistent".into());
     }
