@@ -1320,8 +1320,10 @@ fn sparse_layout(path: &Path) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
 /// refcount widths where the L2 tables and refcount blocks interleave
 /// differently with the data runs, a run longer than a request (2 MiB
 /// clusters), images whose refcount table QEMU has to grow (tiny clusters:
-/// during metadata preallocation, or for the L1 table alone), and falloc
-/// and full, where QEMU moves the refcount table past the L1 table.
+/// during metadata preallocation, or for the L1 table alone), falloc and
+/// full, where QEMU moves the refcount table past the L1 table, and
+/// extended L2 entries (16-byte entries, the last cluster's copy-on-write
+/// ending at its subcluster).
 #[test]
 fn create_lays_out_qemus_file() {
     let Some(e) = Env::new() else { return };
@@ -1362,6 +1364,12 @@ fn create_lays_out_qemus_file() {
         ),
         ("preallocation=full,cluster_size=512", "9M"),
         ("preallocation=full,compat=0.10", "1000000"),
+        ("preallocation=metadata,extended_l2=on", "1000000"),
+        (
+            "preallocation=metadata,extended_l2=on,cluster_size=2M",
+            "3M",
+        ),
+        ("preallocation=falloc,extended_l2=on", "3M"),
     ] {
         let args = ["create", "-q", "-f", "qcow2", "-o", opts];
         let q = e.q(&[&args[..], &["q.qcow2", size]].concat());

@@ -75,6 +75,22 @@ pub fn run(a: ConvertArgs) -> R<()> {
         sources.push(open_chain(s, in_fmt, a.force_share)?);
     }
     let total: u64 = sources.iter().map(|l| l[0].size()).sum();
+    let target_opts = parse_opts(&a.opts.join(","));
+    let preallocated = target_opts
+        .iter()
+        .any(|(k, v)| k == "preallocation" && v != "off");
+    if out_fmt == Format::Qcow2
+        && preallocated
+        && target_opts
+            .iter()
+            .any(|(k, v)| k == "extended_l2" && v == "on")
+    {
+        // Writes into extended L2 entries go through imago, which has no
+        // subclusters; refuse before creating anything.
+        return Err(fail(format!(
+            "{dst}: error while converting qcow2: preallocation with extended L2 entries is not supported by this version"
+        )));
+    }
     // Target.
     if !a.no_create {
         let mut opts: Vec<String> = a.opts.clone();
@@ -99,9 +115,6 @@ pub fn run(a: ConvertArgs) -> R<()> {
     // written in place, into the clusters its creation mapped, as qemu-img
     // does; the sequential writer would map the data anew and leave the
     // preallocated clusters unused.
-    let preallocated = parse_opts(&a.opts.join(","))
-        .iter()
-        .any(|(k, v)| k == "preallocation" && v != "off");
     if out_fmt == Format::Qcow2 && !a.no_create && !preallocated {
         return convert_seq(&a, &mut sources, dst, total, sparse);
     }

@@ -134,15 +134,10 @@ pub fn validate(o: &CreateOptions) -> Result<(), String> {
                 .into(),
         );
     }
-    if o.backing_file.is_some() && o.prealloc != Prealloc::Off {
+    if o.backing_file.is_some() && o.prealloc != Prealloc::Off && !o.extended_l2 {
         return Err(
             "Backing file and preallocation can only be used at the same time if extended_l2 is on"
                 .into(),
-        );
-    }
-    if o.extended_l2 && o.prealloc != Prealloc::Off {
-        return Err(
-            "preallocation with extended L2 entries is not supported by this version".into(),
         );
     }
     let h = base_header(o);

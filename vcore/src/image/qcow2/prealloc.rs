@@ -86,9 +86,10 @@ pub(super) fn metadata(
             next = Some(host + k);
         }
     }
-    // The request's end: the file reaches at least the last data cluster.
+    // The last request's end: the file reaches at least the end of the
+    // last data cluster's copy-on-write.
     if let Some(&(_, host, n)) = p.runs.last() {
-        a.wrote((host + n) * cs);
+        a.wrote((host + n - 1) * cs + cow_end(h, size));
     }
     Some(p)
 }
@@ -143,8 +144,9 @@ pub(super) fn fits(f: &File, h: &Header, p: &Plan) -> std::io::Result<bool> {
         }
         pread_full(f, &mut buf, t * cs)?;
         for &(g, _, n) in p.runs.iter().filter(|r| r.0 / l2e == i as u64) {
-            let at = ((g % l2e) * 8) as usize;
-            if buf[at..at + (n * 8) as usize].iter().any(|&b| b != 0) {
+            let esz = h.l2_entry_size();
+            let at = ((g % l2e) * esz) as usize;
+            if buf[at..at + (n * esz) as usize].iter().any(|&b| b != 0) {
                 return Ok(false);
             }
         }
@@ -166,6 +168,9 @@ pub(super) fn write(
     let io = |e: std::io::Error| super::os_msg(&e);
     let cs = h.cluster_size();
     let l2e = h.l2_entries();
+    // Extended L2 entries: the allocation bitmap stays 0 (QEMU links
+    // preallocated clusters without marking subclusters allocated).
+    let esz = h.l2_entry_size() as usize;
     let mut table = vec![0u8; cs as usize];
     for &(i, t, new) in &p.l2 {
         if new {
@@ -176,7 +181,7 @@ pub(super) fn write(
         for &(g, host, n) in p.runs.iter().filter(|r| r.0 / l2e == i as u64) {
             for c in 0..n {
                 let e = ((host + c) * cs) | meta::OFLAG_COPIED;
-                let at = ((g + c) % l2e) as usize * 8;
+                let at = ((g + c) % l2e) as usize * esz;
                 table[at..at + 8].copy_from_slice(&e.to_be_bytes());
             }
         }
@@ -203,12 +208,28 @@ pub(super) fn write(
         _ => {}
     }
     let tail = (size % cs).next_multiple_of(512);
-    if let (Prealloc::Metadata, true, Some(&(_, host, n))) = (mode, tail % cs != 0, p.runs.last()) {
+    let end = cow_end(h, size);
+    if let (Prealloc::Metadata, true, Some(&(_, host, n))) =
+        (mode, tail % cs != 0 && end > tail, p.runs.last())
+    {
         let last = (host + n - 1) * cs;
-        f.write_all_at(&vec![0u8; (cs - tail) as usize], last + tail)
+        f.write_all_at(&vec![0u8; (end - tail) as usize], last + tail)
             .map_err(io)?;
     }
     Ok(())
+}
+
+/// Where, in the last cluster of an image of `size` bytes, the
+/// copy-on-write of an allocation up to the image's end stops: the cluster's
+/// end, or with extended L2 entries the subcluster's.
+fn cow_end(h: &Header, size: u64) -> u64 {
+    let cs = h.cluster_size();
+    let tail = (size % cs).next_multiple_of(512);
+    if tail == 0 {
+        return cs;
+    }
+    let unit = if h.l2_entry_size() == 16 { cs / 32 } else { cs };
+    tail.next_multiple_of(unit).min(cs)
 }
 
 /// L1 entries after the plan: `old` with the new L2 tables entered, `n`
