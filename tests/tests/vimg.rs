@@ -1296,6 +1296,9 @@ fn sparse_layout(path: &Path) -> (u64, u64, Vec<(u64, Vec<u8>)>) {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, MetadataExt};
     let f = std::fs::File::open(path).unwrap();
+    // Written back first: how ext4 reports unwritten extents that have
+    // dirty pages changes with writeback.
+    f.sync_all().unwrap();
     let md = f.metadata().unwrap();
     let mut segs = Vec::new();
     let mut off = 0i64;
@@ -1523,6 +1526,8 @@ fn resize_lays_out_qemus_file() {
         ("cluster_size=64k,refcount_bits=1", "100M", "falloc", "+1M"),
         ("cluster_size=512,refcount_bits=64", "1M", "full", "+9M"),
         ("cluster_size=4k", "8M", "metadata", "+8M"),
+        ("cluster_size=16k,extended_l2=on", "1M", "metadata", "+40M"),
+        ("extended_l2=on", "100M", "falloc", "+3M"),
     ] {
         let what = format!("{opts} {base} --preallocation={mode} {delta}");
         e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", base]);
@@ -1552,6 +1557,7 @@ fn resize_lays_out_qemus_file() {
         ("cluster_size=64k,refcount_bits=1", "-99M"),
         ("cluster_size=64k", "-70M"),
         ("cluster_size=2M", "-1M"),
+        ("cluster_size=16k,extended_l2=on", "-99M"),
     ] {
         let what = format!("{opts} 100M --shrink {delta}");
         e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", "100M"]);

@@ -132,6 +132,9 @@ pub(super) struct Allocator {
     /// replaced: their clusters are freed but keep their bytes unless
     /// something is written over them.
     pub old_tables: Vec<(u64, Vec<u64>)>,
+    /// Refcount blocks entered into a table in place: (table cluster,
+    /// index, block cluster); QEMU writes just that entry.
+    pub hooked: Vec<(u64, usize, u64)>,
     /// Length of the file so far: everything written ends before it.
     pub file_len: u64,
     /// Whether the image as loaded has a refcount above 1 (snapshots).
@@ -154,6 +157,7 @@ impl Allocator {
             reftable: vec![0; (cs / 8) as usize],
             reftable_at: 1,
             old_tables: Vec::new(),
+            hooked: Vec::new(),
             file_len: 3 * cs,
             shared: false,
         };
@@ -383,6 +387,7 @@ impl Allocator {
         self.wrote((b + 1) * self.cs);
         if k < self.reftable.len() {
             self.reftable[k] = b;
+            self.hooked.push((self.reftable_at, k, b));
             return Err(Again);
         }
         let blocks_used = (c + 1).max(b + 1).div_ceil(self.rbe);

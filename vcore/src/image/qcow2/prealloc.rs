@@ -171,12 +171,15 @@ pub(super) fn write(
     // Extended L2 entries: the allocation bitmap stays 0 (QEMU links
     // preallocated clusters without marking subclusters allocated).
     let esz = h.l2_entry_size() as usize;
+    let slice = l2_slice(h);
     let mut table = vec![0u8; cs as usize];
+    let mut was = vec![0u8; cs as usize];
     for &(i, t, new) in &p.l2 {
         if new {
             table.fill(0);
         } else {
             pread_full(f, &mut table, t * cs).map_err(io)?;
+            was.copy_from_slice(&table);
         }
         for &(g, host, n) in p.runs.iter().filter(|r| r.0 / l2e == i as u64) {
             for c in 0..n {
@@ -185,7 +188,11 @@ pub(super) fn write(
                 table[at..at + 8].copy_from_slice(&e.to_be_bytes());
             }
         }
-        f.write_all_at(&table, t * cs).map_err(io)?;
+        if new {
+            f.write_all_at(&table, t * cs).map_err(io)?;
+        } else {
+            write_changed(f, t * cs, &was, &table, slice).map_err(io)?;
+        }
     }
     match (mode, p.data) {
         (Prealloc::Falloc, Some((from, to))) if to > from => {
@@ -215,6 +222,37 @@ pub(super) fn write(
         let last = (host + n - 1) * cs;
         f.write_all_at(&vec![0u8; (end - tail) as usize], last + tail)
             .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// QEMU's L2 cache entry ("slice") size for the image `h` describes: the
+/// cluster, or 4 KiB when the default 32 MiB L2 cache cannot hold every L2
+/// table. QEMU writes back only the slices it changed.
+pub(super) fn l2_slice(h: &Header) -> u64 {
+    let cs = h.cluster_size();
+    let need = (h.size.div_ceil(cs) * h.l2_entry_size()).next_multiple_of(cs);
+    if need > 32 << 20 {
+        cs.min(4096)
+    } else {
+        cs
+    }
+}
+
+/// Write the slices of a table at `at` that differ between `was` and
+/// `now`.
+pub(super) fn write_changed(
+    f: &File,
+    at: u64,
+    was: &[u8],
+    now: &[u8],
+    slice: u64,
+) -> std::io::Result<()> {
+    let slice = slice as usize;
+    for (k, (a, b)) in was.chunks(slice).zip(now.chunks(slice)).enumerate() {
+        if a != b {
+            f.write_all_at(b, at + (k * slice) as u64)?;
+        }
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 
 /// Grow the image in `f` to `new_size` bytes with preallocation `mode`.
 /// `Ok(false)` (nothing written) where this replay does not apply: a dirty
-/// or corrupt image, extended L2 entries or an external data file, refcount
+/// or corrupt image, an external data file, refcount
 /// or L1 structures outside the file, preallocation from a size that is not
 /// cluster aligned or into an L2 table shared with a snapshot.
 pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
@@ -30,7 +30,7 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
         || new_size % 512 != 0
         || h.dirty()
         || h.corrupt()
-        || h.incompatible & (meta::INCOMPAT_EXTL2 | meta::INCOMPAT_DATA_FILE) != 0
+        || h.incompatible & meta::INCOMPAT_DATA_FILE != 0
         || (mode != Prealloc::Off && h.size % cs != 0)
     {
         return Ok(false);
@@ -76,14 +76,9 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
     }
     // 1. Refcounts of everything new; freed clusters keep theirs.
     prealloc::write_refblocks(f, &a, true).map_err(io)?;
-    // 2. Refcount tables: replaced ones as they were when replaced, then
-    //    the current one.
-    for (at, t) in &a.old_tables {
-        let t: Vec<u64> = t.iter().map(|&c| c * cs).collect();
-        meta::write_table(f, at * cs, &t).map_err(io)?;
-    }
-    let t: Vec<u64> = a.reftable.iter().map(|&c| c * cs).collect();
-    meta::write_table(f, a.reftable_at * cs, &t).map_err(io)?;
+    // 2. Refcount tables: the entries of blocks entered in place, and a
+    //    new table whole.
+    write_reftable_changes(f, &a, h.refcount_table_offset / cs).map_err(io)?;
     // 3. L2 tables and data, then the L1 table.
     prealloc::write(f, &h, &plan, mode, new_size)?;
     let l1 = prealloc::l1_entries(&old_l1, need, &plan, cs);
@@ -126,13 +121,14 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
 /// counting nothing are dropped, and the file is cut after the last
 /// cluster in use. `Ok(false)` (nothing written) where this replay does
 /// not apply: snapshots or other shared clusters, compressed clusters in
-/// the discarded range, lazy refcounts, dirty or corrupt images, extended
-/// L2 entries or an external data file.
+/// the discarded range, lazy refcounts, dirty or corrupt images, or an
+/// external data file.
 pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
     let h = Header::read(f)?;
     let cs = h.cluster_size();
     let l2e = h.l2_entries();
     let io = |e: std::io::Error| e.to_string();
+    let stride = h.l2_entry_size() / 8;
     let start = new_size.div_ceil(cs);
     let end = h.size.div_ceil(cs);
     if new_size >= h.size
@@ -142,7 +138,7 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
         || h.corrupt()
         || h.nb_snapshots != 0
         || h.compatible & meta::COMPAT_LAZY_REFCOUNTS != 0
-        || h.incompatible & (meta::INCOMPAT_EXTL2 | meta::INCOMPAT_DATA_FILE) != 0
+        || h.incompatible & meta::INCOMPAT_DATA_FILE != 0
     {
         return Ok(false);
     }
@@ -160,7 +156,9 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
         return Ok(false);
     }
     // 1. Discard [start, end), one L2 table at a time.
-    let mut tables: Vec<(usize, Vec<u64>, bool)> = Vec::new();
+    // (L1 index, table as read, table after the discard, new)
+    type Table = (usize, Vec<u64>, Vec<u64>, bool);
+    let mut tables: Vec<Table> = Vec::new();
     let mut punched: Vec<u64> = Vec::new();
     let mut g = start;
     while g < end {
@@ -169,11 +167,11 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
         let Some(&e) = l1.get(i) else {
             return Ok(false);
         };
-        let (mut t, new) = if e & meta::OFFSET_MASK == 0 {
+        let (was, new) = if e & meta::OFFSET_MASK == 0 {
             let t = a.alloc(1);
             a.wrote((t + 1) * cs);
             l1[i] = (t * cs) | meta::OFLAG_COPIED;
-            (vec![0u64; l2e as usize], true)
+            (vec![0u64; (cs / 8) as usize], true)
         } else if e & meta::OFLAG_COPIED == 0
             || (e & meta::OFFSET_MASK) % cs != 0
             || (e & meta::OFFSET_MASK) + cs > a.file_len
@@ -181,12 +179,16 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
             return Ok(false);
         } else {
             (
-                meta::read_table(f, e & meta::OFFSET_MASK, l2e).map_err(io)?,
+                meta::read_table(f, e & meta::OFFSET_MASK, cs / 8).map_err(io)?,
                 false,
             )
         };
+        let mut t = was.clone();
         for j in (g % l2e)..(g % l2e + n) {
-            let x = t[j as usize];
+            // Extended L2 entries: the entry, then its subcluster bitmap;
+            // a full discard clears both.
+            let j = (j * stride) as usize;
+            let x = t[j];
             if x & meta::OFLAG_COMPRESSED != 0 {
                 return Ok(false);
             }
@@ -198,9 +200,9 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
                 a.release(host / cs, 1);
                 punched.push(host / cs);
             }
-            t[j as usize] = 0;
+            t[j..j + stride as usize].fill(0);
         }
-        tables.push((i, t, new));
+        tables.push((i, was, t, new));
         g += n;
     }
     // 2. The L1 entries past the new end: zeroed, their tables freed.
@@ -227,13 +229,20 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
     // cleared before anything they pointed to is freed), the L1 table,
     // the freed clusters' refcounts, holes, length, and the size last.
     prealloc::write_refblocks(f, &a, true).map_err(io)?;
-    for (i, t, new) in &tables {
+    let slice = prealloc::l2_slice(&h);
+    let bytes = |t: &[u64]| -> Vec<u8> { t.iter().flat_map(|e| e.to_be_bytes()).collect() };
+    for (i, was, t, new) in &tables {
         let at = l1[*i] & meta::OFFSET_MASK;
-        if at != 0 && (!new || *i < keep) {
+        if at == 0 {
+            continue;
+        }
+        if *new && *i < keep {
             meta::write_table(f, at, t).map_err(io)?;
+        } else if !new {
+            prealloc::write_changed(f, at, &bytes(was), &bytes(t), slice).map_err(io)?;
         }
     }
-    for (i, _, new) in &tables {
+    for (i, _, _, new) in &tables {
         if *new && *i < keep {
             f.write_all_at(&l1[*i].to_be_bytes(), h.l1_table_offset + *i as u64 * 8)
                 .map_err(io)?;
@@ -246,6 +255,7 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
     }
     f.sync_data().map_err(io)?;
     prealloc::write_refblocks(f, &a, false).map_err(io)?;
+    // QEMU rewrites the whole refcount table when it drops blocks.
     let t: Vec<u64> = a.reftable.iter().map(|&c| c * cs).collect();
     meta::write_table(f, a.reftable_at * cs, &t).map_err(io)?;
     punched.sort_unstable();
@@ -289,4 +299,26 @@ fn tables_counted(a: &Allocator, h: &Header, l1: &[u64]) -> bool {
             let t = e & meta::OFFSET_MASK;
             t == 0 || (t % cs == 0 && a.counted(t / cs, 1))
         })
+}
+
+/// Write what the replay changed in the refcount tables, as QEMU writes it:
+/// a refcount block entered into the image's own table (`was`: its
+/// cluster) as one entry; tables the replay made, whole (QEMU writes a new
+/// table whole; one replaced again keeps its last entries).
+fn write_reftable_changes(f: &File, a: &Allocator, was: u64) -> std::io::Result<()> {
+    let cs = a.cluster_size();
+    let whole = |at: u64, t: &[u64]| {
+        let t: Vec<u64> = t.iter().map(|&c| c * cs).collect();
+        meta::write_table(f, at * cs, &t)
+    };
+    for (at, t) in a.old_tables.iter().filter(|(at, _)| *at != was) {
+        whole(*at, t)?;
+    }
+    for &(at, k, b) in a.hooked.iter().filter(|h| h.0 == was) {
+        f.write_all_at(&(b * cs).to_be_bytes(), at * cs + k as u64 * 8)?;
+    }
+    if a.reftable_at != was {
+        whole(a.reftable_at, &a.reftable)?;
+    }
+    Ok(())
 }
