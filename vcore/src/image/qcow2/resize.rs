@@ -1,14 +1,14 @@
-//! Growing and shrinking a qcow2 image the way QEMU does it (`qcow2_co_truncate`), with
-//! QEMU's layout: QEMU's cluster allocator is replayed over the image's
-//! refcounts ([`super::allocator`]); the L1 table, when it must grow, is
-//! replaced by one of exactly the needed entries in the first free
-//! clusters (`qcow2_grow_l1_table(exact)`), the old one freed; then the
-//! preallocation mode places L2 tables and data clusters as QEMU's
-//! (`preallocate_co`, or the falloc/full branch of `qcow2_co_truncate`).
-//! Write order keeps a crash at any point free of corruption (at worst
-//! leaked clusters): new refcounts first (freed clusters still counted),
-//! then the new tables, the header switch, and last the freed clusters'
-//! refcounts.
+//! Growing and shrinking a qcow2 image the way QEMU does it
+//! (`qcow2_co_truncate`), with QEMU's layout: QEMU's cluster allocator is
+//! replayed over the image's refcounts ([`super::allocator`]). Growing:
+//! the L1 table, when it must grow, is replaced by one of exactly the
+//! needed entries in the first free clusters (`qcow2_grow_l1_table`), the
+//! old one freed; then the preallocation mode places L2 tables and data
+//! clusters as QEMU's (`preallocate_co`, or the falloc/full branch).
+//! Shrinking: see [`shrink`]. Write order keeps a crash at any point free
+//! of corruption (at worst leaked clusters): new refcounts first (freed
+//! clusters still counted), then the new tables, the header switch, and
+//! last the freed clusters' refcounts.
 
 use super::allocator::Allocator;
 use super::create::Prealloc;
@@ -19,8 +19,8 @@ use std::os::unix::fs::FileExt;
 
 /// Grow the image in `f` to `new_size` bytes with preallocation `mode`.
 /// `Ok(false)` (nothing written) where this replay does not apply: a dirty
-/// or corrupt image, an external data file, refcount
-/// or L1 structures outside the file, preallocation from a size that is not
+/// or corrupt image, an external data file, refcount or L1 structures
+/// outside the file or not counted, preallocation from a size that is not
 /// cluster aligned or into an L2 table shared with a snapshot.
 pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
     let h = Header::read(f)?;
