@@ -156,10 +156,15 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
         return Ok(false);
     }
     // 1. Discard [start, end), one L2 table at a time.
-    // (L1 index, table as read, table after the discard, new)
-    type Table = (usize, Vec<u64>, Vec<u64>, bool);
+    // (L1 index, offset, table as read, table after the discard, new)
+    type Table = (usize, u64, Vec<u64>, Vec<u64>, bool);
     let mut tables: Vec<Table> = Vec::new();
-    let mut punched: Vec<u64> = Vec::new();
+    // Freed data clusters in QEMU's discard batches: queued, merged with
+    // adjacent ones, and sent when the discard ends or before the next
+    // allocation (a punch frees only the whole file-system blocks it
+    // covers, so the batches matter with clusters smaller than a block).
+    let mut batches: Vec<Vec<u64>> = vec![Vec::new()];
+    let mut freed_tables: Vec<u64> = Vec::new();
     let mut g = start;
     while g < end {
         let i = (g / l2e) as usize;
@@ -168,6 +173,9 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
             return Ok(false);
         };
         let (was, new) = if e & meta::OFFSET_MASK == 0 {
+            if batches.last().is_some_and(|b| !b.is_empty()) {
+                batches.push(Vec::new());
+            }
             let t = a.alloc(1);
             a.wrote((t + 1) * cs);
             l1[i] = (t * cs) | meta::OFLAG_COPIED;
@@ -198,11 +206,13 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
                     return Ok(false);
                 }
                 a.release(host / cs, 1);
-                punched.push(host / cs);
+                if let Some(b) = batches.last_mut() {
+                    b.push(host / cs);
+                }
             }
             t[j..j + stride as usize].fill(0);
         }
-        tables.push((i, was, t, new));
+        tables.push((i, l1[i] & meta::OFFSET_MASK, was, t, new));
         g += n;
     }
     // 2. The L1 entries past the new end: zeroed, their tables freed.
@@ -214,38 +224,42 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
                 return Ok(false);
             }
             a.release(t / cs, 1);
-            punched.push(t / cs);
+            freed_tables.push(t / cs);
         }
         l1[i] = 0;
     }
     // 3. Refcount blocks left counting nothing.
-    punched.extend(a.drop_unused_refblocks());
+    let dropped = a.drop_unused_refblocks();
     // 4. The file ends after the last cluster in use.
     let len = match a.last_used() {
         Some(c) if (c + 1) * cs < a.file_len => (c + 1) * cs,
         _ => a.file_len,
     };
-    // Writes: refcounts of new L2 tables first, then the tables (entries
-    // cleared before anything they pointed to is freed), the L1 table,
-    // the freed clusters' refcounts, holes, length, and the size last.
+    // Writes: refcounts of new L2 tables first; the image's L2 tables with
+    // their entries cleared before anything they pointed to is punched;
+    // the new L2 tables (QEMU writes them all, also those it frees again)
+    // and their L1 entries; the L1 tail; the freed clusters' refcounts,
+    // the refcount table; length, and the size last. Holes are punched in
+    // QEMU's batches, in its order.
     prealloc::write_refblocks(f, &a, true).map_err(io)?;
     let slice = prealloc::l2_slice(&h);
     let bytes = |t: &[u64]| -> Vec<u8> { t.iter().flat_map(|e| e.to_be_bytes()).collect() };
-    for (i, was, t, new) in &tables {
-        let at = l1[*i] & meta::OFFSET_MASK;
-        if at == 0 {
-            continue;
-        }
-        if *new && *i < keep {
-            meta::write_table(f, at, t).map_err(io)?;
-        } else if !new {
-            prealloc::write_changed(f, at, &bytes(was), &bytes(t), slice).map_err(io)?;
+    for (_, at, was, t, new) in &tables {
+        if !new {
+            prealloc::write_changed(f, *at, &bytes(was), &bytes(t), slice).map_err(io)?;
         }
     }
-    for (i, _, _, new) in &tables {
-        if *new && *i < keep {
-            f.write_all_at(&l1[*i].to_be_bytes(), h.l1_table_offset + *i as u64 * 8)
-                .map_err(io)?;
+    f.sync_data().map_err(io)?;
+    for b in &batches {
+        punch(f, b, cs).map_err(io)?;
+    }
+    for (i, at, _, t, new) in &tables {
+        if *new {
+            meta::write_table(f, *at, t).map_err(io)?;
+            if *i < keep {
+                f.write_all_at(&l1[*i].to_be_bytes(), h.l1_table_offset + *i as u64 * 8)
+                    .map_err(io)?;
+            }
         }
     }
     if keep < l1.len() {
@@ -254,22 +268,14 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
         zero_range(f, from, n).map_err(io)?;
     }
     f.sync_data().map_err(io)?;
+    for &c in &freed_tables {
+        punch(f, &[c], cs).map_err(io)?;
+    }
     prealloc::write_refblocks(f, &a, false).map_err(io)?;
     // QEMU rewrites the whole refcount table when it drops blocks.
     let t: Vec<u64> = a.reftable.iter().map(|&c| c * cs).collect();
     meta::write_table(f, a.reftable_at * cs, &t).map_err(io)?;
-    punched.sort_unstable();
-    punched.dedup();
-    for c in punched {
-        if !a.is_used(c) && c * cs < len {
-            let _ = crate::image::raw::fallocate(
-                f,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                c * cs,
-                cs,
-            );
-        }
-    }
+    punch(f, &dropped, cs).map_err(io)?;
     if f.metadata().map_err(io)?.len() != len {
         f.set_len(len).map_err(io)?;
     }
@@ -277,6 +283,29 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
     f.write_all_at(&new_size.to_be_bytes(), 24).map_err(io)?;
     f.sync_data().map_err(io)?;
     Ok(true)
+}
+
+/// Punch one discard batch out of the file: the clusters merged into runs
+/// of adjacent ones, one hole per run (as QEMU merges queued discards).
+fn punch(f: &File, clusters: &[u64], cs: u64) -> std::io::Result<()> {
+    let mut c = clusters.to_vec();
+    c.sort_unstable();
+    c.dedup();
+    let mut i = 0;
+    while i < c.len() {
+        let mut j = i + 1;
+        while j < c.len() && c[j] == c[j - 1] + 1 {
+            j += 1;
+        }
+        let _ = crate::image::raw::fallocate(
+            f,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            c[i] * cs,
+            (j - i) as u64 * cs,
+        );
+        i = j;
+    }
+    Ok(())
 }
 
 /// `bdrv_co_pwrite_zeroes` on a file as QEMU's file driver does it: the
