@@ -1531,10 +1531,18 @@ fn resize_lays_out_qemus_file() {
         ("cluster_size=4k", "8M", "metadata", "+8M"),
         ("cluster_size=16k,extended_l2=on", "1M", "metadata", "+40M"),
         ("extended_l2=on", "100M", "falloc", "+3M"),
+        // From a size inside a cluster: the last cluster kept (mapped) or
+        // allocated with its head zeroed (not mapped).
+        ("cluster_size=2M", "43M", "metadata", "+36M"),
+        ("cluster_size=2M", "43M", "metadata", "+1M"),
     ] {
         let what = format!("{opts} {base} --preallocation={mode} {delta}");
         e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", base]);
         e.io("b.qcow2", &["write -P 0x5a 0 64k", "write -P 0x33 300k 8k"]);
+        if (base, delta) == ("43M", "+1M") {
+            // The cluster holding the old end is mapped: QEMU keeps it.
+            e.io("b.qcow2", &["write -P 0x77 42M 64k"]);
+        }
         if base == "8M" {
             assert_eq!(e.q(&["snapshot", "-c", "s1", "b.qcow2"]).rc, 0);
             e.io("b.qcow2", &["write -P 0x44 0 4k"]);

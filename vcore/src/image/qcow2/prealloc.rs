@@ -20,6 +20,10 @@ pub(super) struct Plan {
     pub runs: Vec<(u64, u64, u64)>,
     /// Bytes of the file to allocate (falloc) or fill with zeroes (full).
     pub data: Option<(u64, u64)>,
+    /// Zeroes QEMU's copy-on-write writes at the start of a new cluster
+    /// whose first bytes lie before the preallocated range: (host
+    /// cluster, bytes).
+    pub cow_head: Option<(u64, u64)>,
 }
 
 impl Plan {
@@ -52,11 +56,17 @@ impl Plan {
 /// (cluster aligned); within one, L2 table by L2 table, the table first,
 /// then the table's data clusters, contiguous with the request's previous
 /// ones where those clusters are free. The data clusters stay unwritten.
+///
+/// `start` (bytes) may fall inside a cluster: then `kept` is that
+/// cluster's host cluster if the image maps it (the request continues
+/// after it), or the cluster is allocated with the rest and its head
+/// zeroed by copy-on-write. Only where the growth is one request.
 pub(super) fn metadata(
     a: &mut Allocator,
     h: &Header,
     l1: &[u64],
-    from: u64,
+    start: u64,
+    kept: Option<u64>,
     size: u64,
 ) -> Option<Plan> {
     let cs = h.cluster_size();
@@ -65,11 +75,24 @@ pub(super) fn metadata(
     let request = ((i32::MAX as u64) & !(cs - 1)) / cs;
     // handle_alloc's limit, BDRV_REQUEST_MAX_BYTES.
     let piece = ((1u64 << 31) - 512) / cs;
+    let head = start % cs;
+    if head != 0 && (size - start > request * cs || h.l2_entry_size() != 8) {
+        return None;
+    }
     let mut p = Plan::default();
-    let mut g = from;
+    let mut g = start / cs;
+    let mut first = true;
     while g < guest {
         let mut left = (guest - g).min(request);
         let mut next = None;
+        if std::mem::take(&mut first) && head != 0 {
+            if let Some(host) = kept {
+                p.table(a, l1, (g / l2e) as usize, cs)?;
+                next = Some(host + 1);
+                g += 1;
+                left -= 1;
+            }
+        }
         while left > 0 {
             p.table(a, l1, (g / l2e) as usize, cs)?;
             let n = left.min(l2e - g % l2e).min(piece);
@@ -79,6 +102,9 @@ pub(super) fn metadata(
             };
             if k == 0 {
                 break;
+            }
+            if head != 0 && kept.is_none() && g == start / cs {
+                p.cow_head = Some((host, head));
             }
             p.runs.push((g, host, k));
             g += k;
@@ -213,6 +239,10 @@ pub(super) fn write(
             }
         }
         _ => {}
+    }
+    if let (Prealloc::Metadata, Some((host, n))) = (mode, p.cow_head) {
+        f.write_all_at(&vec![0u8; n as usize], host * cs)
+            .map_err(io)?;
     }
     let tail = (size % cs).next_multiple_of(512);
     let end = cow_end(h, size);

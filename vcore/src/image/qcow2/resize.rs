@@ -31,7 +31,7 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
         || h.dirty()
         || h.corrupt()
         || h.incompatible & meta::INCOMPAT_DATA_FILE != 0
-        || (mode != Prealloc::Off && h.size % cs != 0)
+        || (matches!(mode, Prealloc::Falloc | Prealloc::Full) && h.size % cs != 0)
     {
         return Ok(false);
     }
@@ -63,7 +63,18 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
     let from = h.size / cs;
     let plan = match mode {
         Prealloc::Off => Some(Plan::default()),
-        Prealloc::Metadata => prealloc::metadata(&mut a, &h, &old_l1, from, new_size),
+        Prealloc::Metadata => {
+            // From a size inside a cluster: QEMU keeps that cluster if it
+            // is mapped, else allocates it with the rest (a backing file
+            // would be copied into its head: not replayed).
+            let Some(kept) = mapped_cluster(f, &h, &old_l1, h.size).map_err(io)? else {
+                return Ok(false);
+            };
+            if h.size % cs != 0 && kept.is_none() && h.backing_file.is_some() {
+                return Ok(false);
+            }
+            prealloc::metadata(&mut a, &h, &old_l1, h.size, kept, new_size)
+        }
         Prealloc::Falloc | Prealloc::Full => {
             prealloc::allocated(&mut a, &h, &old_l1, from, new_size)
         }
@@ -350,4 +361,39 @@ fn write_reftable_changes(f: &File, a: &Allocator, was: u64) -> std::io::Result<
         whole(a.reftable_at, &a.reftable)?;
     }
     Ok(())
+}
+
+/// How the image maps the cluster holding byte `at` when `at` falls inside
+/// a cluster: `Some(Some(host cluster))` for a plain allocated cluster
+/// that is not shared, `Some(None)` for an unmapped one (or when `at` is
+/// cluster aligned), `None` for anything else (zero, compressed, shared).
+fn mapped_cluster(
+    f: &File,
+    h: &Header,
+    l1: &[u64],
+    at: u64,
+) -> std::io::Result<Option<Option<u64>>> {
+    let cs = h.cluster_size();
+    if at % cs == 0 {
+        return Ok(Some(None));
+    }
+    let c = at / cs;
+    let l2e = h.l2_entries();
+    let t = l1
+        .get((c / l2e) as usize)
+        .map_or(0, |e| e & meta::OFFSET_MASK);
+    if t == 0 {
+        return Ok(Some(None));
+    }
+    let e = meta::read_table(f, t + (c % l2e) * h.l2_entry_size(), 1)?[0];
+    Ok(if e == 0 {
+        Some(None)
+    } else if e & (meta::OFLAG_COMPRESSED | meta::OFLAG_ZERO) == 0
+        && e & meta::OFLAG_COPIED != 0
+        && e & meta::OFFSET_MASK != 0
+    {
+        Some(Some((e & meta::OFFSET_MASK) / cs))
+    } else {
+        None
+    })
 }
