@@ -1535,6 +1535,9 @@ fn resize_lays_out_qemus_file() {
         // allocated with its head zeroed (not mapped).
         ("cluster_size=2M", "43M", "metadata", "+36M"),
         ("cluster_size=2M", "43M", "metadata", "+1M"),
+        // falloc/full move that cluster (its head copied, the old one freed).
+        ("cluster_size=2M", "43M", "falloc", "+1M"),
+        ("cluster_size=64k", "1000000", "full", "+1M"),
     ] {
         let what = format!("{opts} {base} --preallocation={mode} {delta}");
         e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", base]);
@@ -1562,27 +1565,59 @@ fn resize_lays_out_qemus_file() {
     // Shrinks: discarded clusters punched out, L2 tables past the end freed
     // (and those QEMU allocates on the way), empty refcount blocks dropped,
     // the file cut after the last cluster in use.
-    for (opts, delta) in [
-        ("cluster_size=512", "-50M"),
-        ("cluster_size=4k,refcount_bits=64", "-99M"),
-        ("cluster_size=64k,refcount_bits=1", "-99M"),
-        ("cluster_size=64k", "-70M"),
-        ("cluster_size=2M", "-1M"),
-        ("cluster_size=16k,extended_l2=on", "-99M"),
-        ("cluster_size=512,refcount_bits=32", "-89M"),
+    // The tail's data written first: its clusters sit early in the file,
+    // so the shrink frees (and punches) clusters inside it.
+    let tail_first: &[&str] = &[
+        "write -P 0x11 90M 2M",
+        "write -P 0x5a 0 64k",
+        "write -P 0x33 30M 8M",
+    ];
+    // Tiny clusters, scattered data: the L2 tables QEMU allocates while
+    // discarding need a bigger refcount table.
+    let scattered: &[&str] = &[
+        "write -P 0x5a 0 64k",
+        "write -P 1 138M 428k",
+        "write -P 2 61M 61k",
+        "write -P 3 42M 177k",
+    ];
+    for (opts, base, writes, delta) in [
+        ("cluster_size=512", "100M", tail_first, "-50M"),
+        (
+            "cluster_size=4k,refcount_bits=64",
+            "100M",
+            tail_first,
+            "-99M",
+        ),
+        (
+            "cluster_size=64k,refcount_bits=1",
+            "100M",
+            tail_first,
+            "-99M",
+        ),
+        ("cluster_size=64k", "100M", tail_first, "-70M"),
+        ("cluster_size=2M", "100M", tail_first, "-1M"),
+        (
+            "cluster_size=16k,extended_l2=on",
+            "100M",
+            tail_first,
+            "-99M",
+        ),
+        (
+            "cluster_size=512,refcount_bits=32",
+            "100M",
+            tail_first,
+            "-89M",
+        ),
+        (
+            "cluster_size=512,refcount_bits=64",
+            "158M",
+            scattered,
+            "-152M",
+        ),
     ] {
-        let what = format!("{opts} 100M --shrink {delta}");
-        e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", "100M"]);
-        // The tail's data written first: its clusters sit early in the
-        // file, so the shrink frees (and punches) clusters inside it.
-        e.io(
-            "b.qcow2",
-            &[
-                "write -P 0x11 90M 2M",
-                "write -P 0x5a 0 64k",
-                "write -P 0x33 30M 8M",
-            ],
-        );
+        let what = format!("{opts} {base} --shrink {delta}");
+        e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", base]);
+        e.io("b.qcow2", writes);
         for img in ["q.qcow2", "v.qcow2"] {
             std::fs::copy(e.p().join("b.qcow2"), e.p().join(img)).unwrap();
         }

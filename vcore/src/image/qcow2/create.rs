@@ -220,7 +220,7 @@ pub fn create_in(file: &File, o: &CreateOptions) -> Result<(), String> {
     let plan = match o.prealloc {
         Prealloc::Off => Some(Plan::default()),
         Prealloc::Metadata => prealloc::metadata(&mut a, &h, &[], 0, None, o.size),
-        Prealloc::Falloc | Prealloc::Full => prealloc::allocated(&mut a, &h, &[], 0, o.size),
+        Prealloc::Falloc | Prealloc::Full => prealloc::allocated(&mut a, &h, &[], 0, None, o.size),
     }
     .ok_or("preallocation found an L2 table in a new image")?;
     if a.reftable.len() as u64 * 8 > meta::MAX_REFTABLE_BYTES {

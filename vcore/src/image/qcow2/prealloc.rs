@@ -24,6 +24,11 @@ pub(super) struct Plan {
     /// whose first bytes lie before the preallocated range: (host
     /// cluster, bytes).
     pub cow_head: Option<(u64, u64)>,
+    /// falloc/full from a size inside a cluster: that cluster moves to a
+    /// new host cluster and its head is copied there (QEMU's
+    /// copy-on-write): (guest cluster, old host cluster if mapped, new
+    /// host cluster, bytes).
+    pub moved: Option<(u64, Option<u64>, u64, u64)>,
 }
 
 impl Plan {
@@ -126,15 +131,21 @@ pub(super) fn metadata(
 /// data clusters right after them, allocated in the file; then the L2
 /// tables (the first new one into the old refcount table's place, the
 /// others past the data).
+///
+/// `start` (bytes) may fall inside a cluster: QEMU then allocates that
+/// cluster anew with the rest, copies its head there and frees the old
+/// one (`kept`: its host cluster, if mapped).
 pub(super) fn allocated(
     a: &mut Allocator,
     h: &Header,
     l1: &[u64],
-    from: u64,
+    start_bytes: u64,
+    kept: Option<u64>,
     size: u64,
 ) -> Option<Plan> {
     let cs = h.cluster_size();
     let l2e = h.l2_entries();
+    let from = start_bytes / cs;
     let nb = size.div_ceil(cs).saturating_sub(from);
     let end = a.last_used().map_or(a.file_len.div_ceil(cs), |c| c + 1);
     let tables = nb.div_ceil(l2e) + 1;
@@ -153,6 +164,12 @@ pub(super) fn allocated(
         p.table(a, l1, (g / l2e) as usize, cs)?;
         let n = (from + nb - g).min(l2e - g % l2e);
         p.runs.push((g, start + g - from, n));
+        if g == from && start_bytes % cs != 0 {
+            p.moved = Some((from, kept, start, start_bytes % cs));
+            if let Some(old) = kept {
+                a.release(old, 1);
+            }
+        }
         g += n;
     }
     Some(p)
@@ -170,6 +187,11 @@ pub(super) fn fits(f: &File, h: &Header, p: &Plan) -> std::io::Result<bool> {
         }
         pread_full(f, &mut buf, t * cs)?;
         for &(g, _, n) in p.runs.iter().filter(|r| r.0 / l2e == i as u64) {
+            // A moved cluster's old mapping is replaced on purpose.
+            let (g, n) = match p.moved {
+                Some((m, ..)) if m == g => (g + 1, n - 1),
+                _ => (g, n),
+            };
             let esz = h.l2_entry_size();
             let at = ((g % l2e) * esz) as usize;
             if buf[at..at + (n * esz) as usize].iter().any(|&b| b != 0) {
@@ -180,10 +202,11 @@ pub(super) fn fits(f: &File, h: &Header, p: &Plan) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Write the plan's L2 tables (new ones whole, the image's own ones
-/// updated) and preallocated data; for metadata preallocation of a size
-/// that is not cluster aligned, zero the rest of the last cluster as
-/// QEMU's copy-on-write does.
+/// Write the plan: preallocated data and copy-on-write heads first (no
+/// table maps a cluster before its bytes are in place), then the L2 tables
+/// (new ones whole, the image's own ones updated); for metadata
+/// preallocation of a size that is not cluster aligned, zero the rest of
+/// the last cluster as QEMU's copy-on-write does.
 pub(super) fn write(
     f: &File,
     h: &Header,
@@ -197,6 +220,38 @@ pub(super) fn write(
     // Extended L2 entries: the allocation bitmap stays 0 (QEMU links
     // preallocated clusters without marking subclusters allocated).
     let esz = h.l2_entry_size() as usize;
+    match (mode, p.data) {
+        (Prealloc::Falloc, Some((from, to))) if to > from => {
+            crate::image::raw::fallocate(f, 0, from, to - from).map_err(|e| {
+                format!(
+                    "Failed to resize underlying file: Could not preallocate new data: {}",
+                    io(e)
+                )
+            })?;
+        }
+        (Prealloc::Full, Some((from, to))) if to > from => {
+            let zero = vec![0u8; (4 << 20).min(to - from) as usize];
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(zero.len() as u64) as usize;
+                f.write_all_at(&zero[..n], at).map_err(io)?;
+                at += n as u64;
+            }
+        }
+        _ => {}
+    }
+    // The moved cluster's head, before any table maps the new cluster.
+    if let Some((_, old, new, n)) = p.moved {
+        let mut head = vec![0u8; n as usize];
+        if let Some(old) = old {
+            pread_full(f, &mut head, old * cs).map_err(io)?;
+        }
+        f.write_all_at(&head, new * cs).map_err(io)?;
+    }
+    if let (Prealloc::Metadata, Some((host, n))) = (mode, p.cow_head) {
+        f.write_all_at(&vec![0u8; n as usize], host * cs)
+            .map_err(io)?;
+    }
     let slice = l2_slice(h);
     let mut table = vec![0u8; cs as usize];
     let mut was = vec![0u8; cs as usize];
@@ -219,30 +274,6 @@ pub(super) fn write(
         } else {
             write_changed(f, t * cs, &was, &table, slice).map_err(io)?;
         }
-    }
-    match (mode, p.data) {
-        (Prealloc::Falloc, Some((from, to))) if to > from => {
-            crate::image::raw::fallocate(f, 0, from, to - from).map_err(|e| {
-                format!(
-                    "Failed to resize underlying file: Could not preallocate new data: {}",
-                    io(e)
-                )
-            })?;
-        }
-        (Prealloc::Full, Some((from, to))) if to > from => {
-            let zero = vec![0u8; (4 << 20).min(to - from) as usize];
-            let mut at = from;
-            while at < to {
-                let n = (to - at).min(zero.len() as u64) as usize;
-                f.write_all_at(&zero[..n], at).map_err(io)?;
-                at += n as u64;
-            }
-        }
-        _ => {}
-    }
-    if let (Prealloc::Metadata, Some((host, n))) = (mode, p.cow_head) {
-        f.write_all_at(&vec![0u8; n as usize], host * cs)
-            .map_err(io)?;
     }
     let tail = (size % cs).next_multiple_of(512);
     let end = cow_end(h, size);

@@ -31,7 +31,6 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
         || h.dirty()
         || h.corrupt()
         || h.incompatible & meta::INCOMPAT_DATA_FILE != 0
-        || (matches!(mode, Prealloc::Falloc | Prealloc::Full) && h.size % cs != 0)
     {
         return Ok(false);
     }
@@ -60,23 +59,29 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
     } else {
         h.l1_table_offset / cs
     };
-    let from = h.size / cs;
-    let plan = match mode {
-        Prealloc::Off => Some(Plan::default()),
-        Prealloc::Metadata => {
-            // From a size inside a cluster: QEMU keeps that cluster if it
-            // is mapped, else allocates it with the rest (a backing file
-            // would be copied into its head: not replayed).
+    // From a size inside a cluster: QEMU keeps (metadata) or moves
+    // (falloc, full) that cluster if it is mapped, else allocates it with
+    // the rest; a backing file would be copied into its head (not
+    // replayed), as would subclusters (extended L2 entries).
+    let kept = match mode {
+        Prealloc::Off => None,
+        _ => {
             let Some(kept) = mapped_cluster(f, &h, &old_l1, h.size).map_err(io)? else {
                 return Ok(false);
             };
-            if h.size % cs != 0 && kept.is_none() && h.backing_file.is_some() {
+            if h.size % cs != 0
+                && ((kept.is_none() && h.backing_file.is_some()) || h.l2_entry_size() != 8)
+            {
                 return Ok(false);
             }
-            prealloc::metadata(&mut a, &h, &old_l1, h.size, kept, new_size)
+            kept
         }
+    };
+    let plan = match mode {
+        Prealloc::Off => Some(Plan::default()),
+        Prealloc::Metadata => prealloc::metadata(&mut a, &h, &old_l1, h.size, kept, new_size),
         Prealloc::Falloc | Prealloc::Full => {
-            prealloc::allocated(&mut a, &h, &old_l1, from, new_size)
+            prealloc::allocated(&mut a, &h, &old_l1, h.size, kept, new_size)
         }
     };
     let Some(plan) = plan else { return Ok(false) };
@@ -108,14 +113,7 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
     }
     f.sync_data().map_err(io)?;
     // 4. The header switches size, L1 and refcount tables in one write.
-    let mut fields = Vec::with_capacity(36);
-    fields.extend_from_slice(&new_size.to_be_bytes());
-    fields.extend_from_slice(&h.crypt_method.to_be_bytes());
-    fields.extend_from_slice(&(need as u32).to_be_bytes());
-    fields.extend_from_slice(&(l1_at * cs).to_be_bytes());
-    fields.extend_from_slice(&(a.reftable_at * cs).to_be_bytes());
-    fields.extend_from_slice(&((a.reftable.len() as u64 * 8 / cs) as u32).to_be_bytes());
-    f.write_all_at(&fields, 24).map_err(io)?;
+    write_header_fields(f, &h, new_size, need, l1_at * cs, &a).map_err(io)?;
     f.sync_data().map_err(io)?;
     // 5. Freed clusters.
     prealloc::write_refblocks(f, &a, false).map_err(io)?;
@@ -253,6 +251,9 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
     // the refcount table; length, and the size last. Holes are punched in
     // QEMU's batches, in its order.
     prealloc::write_refblocks(f, &a, true).map_err(io)?;
+    // The new L2 tables can need refcount blocks, even a new refcount
+    // table (tiny clusters).
+    write_reftable_changes(f, &a, h.refcount_table_offset / cs).map_err(io)?;
     let slice = prealloc::l2_slice(&h);
     let bytes = |t: &[u64]| -> Vec<u8> { t.iter().flat_map(|e| e.to_be_bytes()).collect() };
     for (_, at, was, t, new) in &tables {
@@ -291,9 +292,31 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
         f.set_len(len).map_err(io)?;
     }
     f.sync_data().map_err(io)?;
-    f.write_all_at(&new_size.to_be_bytes(), 24).map_err(io)?;
+    // The size, and the refcount table if it moved, in one write.
+    write_header_fields(f, &h, new_size, h.l1_size as u64, h.l1_table_offset, &a).map_err(io)?;
     f.sync_data().map_err(io)?;
     Ok(true)
+}
+
+/// Header fields from the size to the refcount table (bytes 24..60) in one
+/// write: size, L1 table and refcount table switch together.
+fn write_header_fields(
+    f: &File,
+    h: &Header,
+    size: u64,
+    l1_size: u64,
+    l1_offset: u64,
+    a: &Allocator,
+) -> std::io::Result<()> {
+    let cs = h.cluster_size();
+    let mut fields = Vec::with_capacity(36);
+    fields.extend_from_slice(&size.to_be_bytes());
+    fields.extend_from_slice(&h.crypt_method.to_be_bytes());
+    fields.extend_from_slice(&(l1_size as u32).to_be_bytes());
+    fields.extend_from_slice(&l1_offset.to_be_bytes());
+    fields.extend_from_slice(&(a.reftable_at * cs).to_be_bytes());
+    fields.extend_from_slice(&((a.reftable.len() as u64 * 8 / cs) as u32).to_be_bytes());
+    f.write_all_at(&fields, 24)
 }
 
 /// Punch one discard batch out of the file: the clusters merged into runs
