@@ -1538,6 +1538,7 @@ fn resize_lays_out_qemus_file() {
         // falloc/full move that cluster (its head copied, the old one freed).
         ("cluster_size=2M", "43M", "falloc", "+1M"),
         ("cluster_size=64k", "1000000", "full", "+1M"),
+        ("cluster_size=2M,extended_l2=on", "43M", "falloc", "+1M"),
     ] {
         let what = format!("{opts} {base} --preallocation={mode} {delta}");
         e.q(&["create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", base]);

@@ -62,16 +62,15 @@ pub fn grow(f: &File, new_size: u64, mode: Prealloc) -> Result<bool, String> {
     // From a size inside a cluster: QEMU keeps (metadata) or moves
     // (falloc, full) that cluster if it is mapped, else allocates it with
     // the rest; a backing file would be copied into its head (not
-    // replayed), as would subclusters (extended L2 entries).
+    // replayed; nor is metadata preallocation's subcluster copy-on-write
+    // with extended L2 entries, see prealloc::metadata).
     let kept = match mode {
         Prealloc::Off => None,
         _ => {
             let Some(kept) = mapped_cluster(f, &h, &old_l1, h.size).map_err(io)? else {
                 return Ok(false);
             };
-            if h.size % cs != 0
-                && ((kept.is_none() && h.backing_file.is_some()) || h.l2_entry_size() != 8)
-            {
+            if h.size % cs != 0 && kept.is_none() && h.backing_file.is_some() {
                 return Ok(false);
             }
             kept
