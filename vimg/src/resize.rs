@@ -151,20 +151,12 @@ pub fn run(a: ResizeArgs) -> R<()> {
             if total > old {
                 match p {
                     Prealloc::Falloc => {
-                        raw_falloc(r.file(), old, total - old)
+                        vcore::image::raw::allocate(r.file(), old, total - old)
                             .map_err(|e| fail(format!("Could not resize file: {e}")))?;
                     }
                     Prealloc::Full => {
-                        use std::os::unix::fs::FileExt;
-                        let zero = vec![0u8; 1 << 20];
-                        let mut o = old;
-                        while o < total {
-                            let n = (total - o).min(zero.len() as u64) as usize;
-                            r.file()
-                                .write_all_at(&zero[..n], o)
-                                .map_err(|e| fail(format!("Could not resize file: {e}")))?;
-                            o += n as u64;
-                        }
+                        vcore::image::raw::write_zeros(r.file(), old, total - old)
+                            .map_err(|e| fail(format!("Could not resize file: {e}")))?;
                     }
                     _ => {}
                 }
@@ -190,15 +182,4 @@ pub fn run(a: ResizeArgs) -> R<()> {
 enum Dev {
     Raw(RawDevice),
     Qcow2(Qcow2Device),
-}
-
-fn raw_falloc(f: &std::fs::File, off: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: valid fd; integer arguments only.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, off as i64, len as i64) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }

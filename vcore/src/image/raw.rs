@@ -77,6 +77,37 @@ pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Re
     }
 }
 
+/// Allocate `[offset, offset + len)` of `file` (`fallocate` mode 0; the
+/// file grows to cover it).
+pub fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(file, 0, offset, len)
+}
+
+/// Give `[offset, offset + len)` of `file` back to the file system (it reads
+/// as zeroes; only whole blocks are freed, the rest is zeroed); the length
+/// stays.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+/// Write zeroes over `[offset, offset + len)` of `file` (allocated, written
+/// data), a few MiB at a time.
+pub fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let zero = vec![0u8; (4u64 << 20).min(len) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zero.len() as u64) as usize;
+        file.write_all_at(&zero[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// `lseek(SEEK_DATA / SEEK_HOLE)`; `None` on ENXIO (past the end).
 pub(crate) fn seek(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
     // SAFETY: valid fd; integer arguments only.
@@ -118,21 +149,8 @@ impl BlockDevice for RawDevice {
         if offset >= end {
             return Ok(());
         }
-        if fallocate(
-            &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            end - offset,
-        )
-        .is_err()
-        {
-            let zero = vec![0u8; 1 << 20];
-            let mut o = offset;
-            while o < end {
-                let n = (end - o).min(zero.len() as u64) as usize;
-                self.file.write_all_at(&zero[..n], o)?;
-                o += n as u64;
-            }
+        if punch_hole(&self.file, offset, end - offset).is_err() {
+            write_zeros(&self.file, offset, end - offset)?;
         }
         Ok(())
     }

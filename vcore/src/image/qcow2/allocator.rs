@@ -231,6 +231,18 @@ impl Allocator {
         self.cs
     }
 
+    /// Write a refcount table `t` (refcount block clusters) whole at
+    /// cluster `at`, as byte offsets.
+    pub fn write_table(&self, f: &File, at: u64, t: &[u64]) -> std::io::Result<()> {
+        let t: Vec<u64> = t.iter().map(|&c| c * self.cs).collect();
+        meta::write_table(f, at * self.cs, &t)
+    }
+
+    /// Write the current refcount table whole.
+    pub fn write_reftable(&self, f: &File) -> std::io::Result<()> {
+        self.write_table(f, self.reftable_at, &self.reftable)
+    }
+
     /// Whether the replay allocated or freed a cluster that refcount block
     /// `k` counts.
     pub fn refblock_changed(&self, k: usize) -> bool {

@@ -237,12 +237,10 @@ pub fn create_in(file: &File, o: &CreateOptions) -> Result<(), String> {
         .map_err(io_err)?;
     // Replaced refcount tables keep their bytes where nothing else goes.
     for (at, t) in &a.old_tables {
-        let t: Vec<u64> = t.iter().map(|&c| c * cs).collect();
-        meta::write_table(file, at * cs, &t).map_err(io_err)?;
+        a.write_table(file, *at, t).map_err(io_err)?;
     }
     prealloc::write_refblocks(file, &a, false).map_err(io_err)?;
-    let t: Vec<u64> = a.reftable.iter().map(|&c| c * cs).collect();
-    meta::write_table(file, a.reftable_at * cs, &t).map_err(io_err)?;
+    a.write_reftable(file).map_err(io_err)?;
     prealloc::write(file, &h, &plan, o.prealloc, o.size)?;
     if let Some(at) = l1_at {
         let l1 = prealloc::l1_entries(&[], l1_size, &plan, cs);

@@ -222,7 +222,7 @@ pub(super) fn write(
     let esz = h.l2_entry_size() as usize;
     match (mode, p.data) {
         (Prealloc::Falloc, Some((from, to))) if to > from => {
-            crate::image::raw::fallocate(f, 0, from, to - from).map_err(|e| {
+            crate::image::raw::allocate(f, from, to - from).map_err(|e| {
                 format!(
                     "Failed to resize underlying file: Could not preallocate new data: {}",
                     io(e)
@@ -230,13 +230,7 @@ pub(super) fn write(
             })?;
         }
         (Prealloc::Full, Some((from, to))) if to > from => {
-            let zero = vec![0u8; (4 << 20).min(to - from) as usize];
-            let mut at = from;
-            while at < to {
-                let n = (to - at).min(zero.len() as u64) as usize;
-                f.write_all_at(&zero[..n], at).map_err(io)?;
-                at += n as u64;
-            }
+            crate::image::raw::write_zeros(f, from, to - from).map_err(io)?;
         }
         _ => {}
     }

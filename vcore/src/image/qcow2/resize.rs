@@ -284,8 +284,7 @@ pub fn shrink(f: &File, new_size: u64) -> Result<bool, String> {
     }
     prealloc::write_refblocks(f, &a, false).map_err(io)?;
     // QEMU rewrites the whole refcount table when it drops blocks.
-    let t: Vec<u64> = a.reftable.iter().map(|&c| c * cs).collect();
-    meta::write_table(f, a.reftable_at * cs, &t).map_err(io)?;
+    a.write_reftable(f).map_err(io)?;
     punch(f, &dropped, cs).map_err(io)?;
     if f.metadata().map_err(io)?.len() != len {
         f.set_len(len).map_err(io)?;
@@ -330,12 +329,7 @@ fn punch(f: &File, clusters: &[u64], cs: u64) -> std::io::Result<()> {
         while j < c.len() && c[j] == c[j - 1] + 1 {
             j += 1;
         }
-        let _ = crate::image::raw::fallocate(
-            f,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            c[i] * cs,
-            (j - i) as u64 * cs,
-        );
+        let _ = crate::image::raw::punch_hole(f, c[i] * cs, (j - i) as u64 * cs);
         i = j;
     }
     Ok(())
@@ -369,18 +363,14 @@ fn tables_counted(a: &Allocator, h: &Header, l1: &[u64]) -> bool {
 /// table whole; one replaced again keeps its last entries).
 fn write_reftable_changes(f: &File, a: &Allocator, was: u64) -> std::io::Result<()> {
     let cs = a.cluster_size();
-    let whole = |at: u64, t: &[u64]| {
-        let t: Vec<u64> = t.iter().map(|&c| c * cs).collect();
-        meta::write_table(f, at * cs, &t)
-    };
     for (at, t) in a.old_tables.iter().filter(|(at, _)| *at != was) {
-        whole(*at, t)?;
+        a.write_table(f, *at, t)?;
     }
     for &(at, k, b) in a.hooked.iter().filter(|h| h.0 == was) {
         f.write_all_at(&(b * cs).to_be_bytes(), at * cs + k as u64 * 8)?;
     }
     if a.reftable_at != was {
-        whole(a.reftable_at, &a.reftable)?;
+        a.write_reftable(f)?;
     }
     Ok(())
 }
