@@ -6,6 +6,7 @@
 #
 # Usage: bench/vimg.sh [WORKDIR]      (needs ~16 GiB free; RUNS=3 by default)
 #        ONLY='convert -O|compare' RUNS=5 bench/vimg.sh   (some rows only)
+#        SETTLE=5 ONLY='convert -O' bench/vimg.sh  (converts onto fresh memory)
 #        VIMG=/path/to/vimg bench/vimg.sh
 # Builds target/release/vimg if VIMG is not set.
 set -euo pipefail
@@ -40,7 +41,7 @@ fi
 
 # One timed run of "$@" (after running `pre`), REP back-to-back
 # invocations: prints "wall cpu" seconds per invocation.
-REP=1
+REP=1 WARM=0
 timed() {
     local pre=$1; shift
     eval "$pre"
@@ -53,15 +54,28 @@ timed() {
 }
 
 # Median (by wall time) of RUNS runs per tool, the tools alternating run by
-# run so that both see the same load and page cache state. ONLY=REGEX runs
-# just the rows whose name matches.
+# run so that both see the same load. ONLY=REGEX runs just the rows whose
+# name matches.
+#
+# Convert rows (WARM=1) run each tool once unmeasured before each measured
+# run: a measured run then follows a run of the same tool, never the other
+# tool's. On this kvm_pvm guest the cost of writing a 4 GiB target depends
+# on the page cache the previous run freed (pages the kernel just freed are
+# reused cheaply; pages it already returned to the hypervisor, through free
+# page reporting, fault in again slowly), so following the other tool
+# would charge one tool for the other's footprint. SETTLE=N sleeps N
+# seconds after the output's removal and `sync` before each measured run:
+# freed memory has gone back to the hypervisor, every page is fresh.
 row() {
     local name=$1 pre=$2; shift 2
     if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return; fi
-    local qs=() vs=()
+    local qs=() vs=() settle=""
+    if [ "$WARM" = 1 ] && [ -n "${SETTLE:-}" ]; then settle="; sleep $SETTLE"; fi
     for _ in $(seq "$RUNS"); do
-        qs+=("$(timed "$pre" "$QEMU_IMG" "$@")")
-        vs+=("$(timed "$pre" "$VIMG" "$@")")
+        if [ "$WARM" = 1 ]; then timed "$pre" "$QEMU_IMG" "$@" >/dev/null; fi
+        qs+=("$(timed "$pre$settle" "$QEMU_IMG" "$@")")
+        if [ "$WARM" = 1 ]; then timed "$pre" "$VIMG" "$@" >/dev/null; fi
+        vs+=("$(timed "$pre$settle" "$VIMG" "$@")")
     done
     local mid=$(( (RUNS + 1) / 2 )) q v i spread
     q=$(printf '%s\n' "${qs[@]}" | sort -n | sed -n "${mid}p")
@@ -80,16 +94,17 @@ REP=20
 row "info img.qcow2 (20G, 512M data)" ":" info img.qcow2
 row "check img.qcow2" ":" check img.qcow2
 row "map --output=json img.qcow2" ":" map --output=json img.qcow2
-REP=1
+REP=1 WARM=0
 row "create -o preallocation=metadata 200G" "rm -f m200.qcow2" create -q -f qcow2 -o preallocation=metadata m200.qcow2 200G
 "$QEMU_IMG" create -q -f qcow2 -o preallocation=metadata m200.qcow2 200G
 REP=5
 row "check m200.qcow2 (3.2M clusters)" ":" check m200.qcow2
-REP=1
+REP=1 WARM=1
 row "convert -O raw full4g.qcow2 (4G allocated)" "rm -f out.raw; sync" convert -O raw full4g.qcow2 out.raw
 row "convert -O qcow2 full4g.raw" "rm -f out.qcow2; sync" convert -f raw -O qcow2 full4g.raw out.qcow2
 row "convert -O raw img.qcow2 (sparse)" "rm -f out.raw; sync" convert -O raw img.qcow2 out.raw
 row "convert -c -O qcow2 text1g.raw (zlib)" "rm -f out.qcow2; sync" convert -c -f raw -O qcow2 text1g.raw out.qcow2
 row "convert -c zstd text1g.raw" "rm -f out.qcow2; sync" convert -c -f raw -O qcow2 -o compression_type=zstd text1g.raw out.qcow2
+WARM=0
 row "compare -f raw -F qcow2 src.raw img.qcow2" ":" compare -f raw -F qcow2 src.raw img.qcow2
 rm -f out.raw out.qcow2 m200.qcow2

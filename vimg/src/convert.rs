@@ -528,9 +528,9 @@ fn write_err((at, e): (u64, std::io::Error)) -> Failure {
 }
 
 /// Convert into a fresh raw file (sparse, no backing): zero extents are
-/// skipped, data extents scanned for zero blocks of `sparse` bytes through
-/// a mapping and copied file to file by worker threads; anything else
-/// (compressed clusters) is read, scanned and written here.
+/// skipped, data extents go to the copier threads, which scan them for
+/// zero blocks of `sparse` bytes as they copy; anything else (compressed
+/// clusters) is read, scanned and written here.
 fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, show: bool) -> R<()> {
     let blk = sparse as usize;
     let mut prog = Progress {
@@ -540,7 +540,7 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, sho
     };
     let mut buf: Vec<u8> = Vec::new();
     std::thread::scope(|sc| -> R<()> {
-        let pool = Pool::new(sc, PREPARERS);
+        let pool = Pool::new(sc, dst, PREPARERS);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -551,16 +551,8 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, sho
                 let mut n = e.length.clamp(1, max);
                 if !e.zero {
                     if let Some((f, h)) = plain_extent(src, &e) {
-                        let found = file_runs(f, h, n, blk, &mut buf).map_err(|e| {
-                            fail(format!(
-                                "error while reading at byte {off}: {}",
-                                vcore::image::qcow2::os_msg(&e)
-                            ))
-                        })?;
-                        for (a, b) in found {
-                            pool.copy(f, h + a as u64, dst, base + off + a as u64, (b - a) as u64)
-                                .map_err(write_err)?;
-                        }
+                        pool.copy_sparse(f, h, base + off, n, blk)
+                            .map_err(write_err)?;
                     } else {
                         n = n.min(CHUNK);
                         buf.resize(n as usize, 0);
@@ -605,7 +597,7 @@ fn fast_qcow2(
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
     std::thread::scope(|sc| -> Result<(), String> {
-        let pool = Pool::new(sc, PREPARERS);
+        let pool = Pool::new(sc, &out, PREPARERS);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -628,7 +620,7 @@ fn fast_qcow2(
                         for (a, b) in found {
                             let n = ((b - a) as u64).div_ceil(cs);
                             let host = w.reserve_clusters(gc0 + a as u64 / cs, n)?;
-                            pool.copy(f, h + a as u64, &out, host, (b - a) as u64)
+                            pool.copy(f, h + a as u64, host, (b - a) as u64)
                                 .map_err(werr)?;
                         }
                         off += whole;

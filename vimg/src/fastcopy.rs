@@ -1,23 +1,27 @@
 //! Fast data path of `convert` into a fresh target: data extents of the
 //! source (contiguous host ranges found through block status) are scanned
-//! for zero blocks with `pread` (probing large blocks), and the non-zero
-//! runs are copied file to file with `copy_file_range` (one copy, inside
-//! the kernel, instead of `pread` + `pwrite`'s two), each at its final
-//! offset. Buffered writes to one file are serialized by its inode lock,
-//! so one thread copies while other threads allocate the target ranges
-//! ahead of it. Falls back to
-//! `pread`/`pwrite` where `copy_file_range` is not supported (other file
-//! systems on old kernels, block devices).
+//! for zero blocks, and the non-zero runs written at their final offsets
+//! by two copiers that take jobs from one queue: one through the page
+//! cache (`copy_file_range`, one copy inside the kernel, or `pwrite` of
+//! what it scanned), one with asynchronous direct writes (see [`direct`]).
+//! Buffered writes to one file are serialized by its inode lock, so one
+//! thread copies buffered while other threads prepare the target ranges
+//! ahead of it. Falls back to `pread`/`pwrite` where `copy_file_range` is
+//! not supported (other file systems on old kernels, block devices), and
+//! to the buffered copier alone where direct I/O is not.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
+mod direct;
+
 /// Largest piece handed to one worker.
-const JOB_MAX: u64 = 8 << 20;
+pub(crate) const JOB_MAX: u64 = 8 << 20;
 
 /// Largest source window looked at at once (block status, mappings).
 pub const WINDOW: u64 = 64 << 20;
@@ -73,6 +77,9 @@ pub fn nonzero_runs(data: &[u8], blk: usize) -> Vec<(usize, usize)> {
 /// Bytes read first from each block of [`file_runs`]'s probing mode.
 const PROBE: usize = 4096;
 
+/// Smallest block [`file_runs`] probes instead of reading whole.
+const PROBE_MIN: usize = 32 << 10;
+
 /// Read at `at` into `buf` until it is full or the file ends; the number
 /// of bytes read.
 fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
@@ -123,7 +130,7 @@ pub fn file_runs(
 ) -> std::io::Result<Vec<(usize, usize)>> {
     let blk = blk.max(1);
     let len = len.min(f.metadata()?.len().saturating_sub(off));
-    if blk >= 32 << 10 {
+    if blk >= PROBE_MIN {
         buf.resize(64 << 10, 0);
         let mut err = None;
         let out = runs(len as usize, blk, |i, e| {
@@ -222,7 +229,9 @@ impl Drop for Mapped {
     }
 }
 
-/// One copy: `len` bytes from `src` at `src_off` to `dst` at `dst_off`.
+/// One copy: `len` bytes from `src` at `src_off` to `dst` at `dst_off`;
+/// with `blk` > 0, only its runs of blocks of `blk` bytes (counted from
+/// `src_off`) that are not all zeroes.
 #[derive(Clone, Copy)]
 struct Job {
     src: RawFd,
@@ -230,6 +239,20 @@ struct Job {
     dst: RawFd,
     dst_off: u64,
     len: u64,
+    blk: usize,
+}
+
+/// The open file behind a job's descriptor, borrowed.
+fn borrow(fd: RawFd) -> ManuallyDrop<File> {
+    // SAFETY: jobs only name descriptors their pool's caller keeps open
+    // until `Pool::finish` (the source and target files of the convert);
+    // ManuallyDrop keeps this File from closing it.
+    ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Write all of `b` to `f` at `at`; the target offset with an error.
+fn write_all_at(f: &File, b: &[u8], at: u64) -> Result<(), (u64, std::io::Error)> {
+    f.write_all_at(b, at).map_err(|e| (at, e))
 }
 
 /// Copy a range file to file. Bytes past the source's end are left
@@ -261,99 +284,185 @@ fn copy_range(j: Job, buf: &mut Vec<u8>, use_cfr: &mut bool) -> std::io::Result<
             }
         }
     }
-    if done < j.len && buf.is_empty() {
+    if done < j.len && buf.len() < 1 << 20 {
         buf.resize(1 << 20, 0);
     }
+    let (src, dst) = (borrow(j.src), borrow(j.dst));
     while done < j.len {
         let n = ((j.len - done) as usize).min(buf.len());
-        // SAFETY: reads into our own buffer of at least n bytes from an
-        // open descriptor.
-        let r = unsafe {
-            libc::pread(
-                j.src,
-                buf.as_mut_ptr() as *mut libc::c_void,
-                n,
-                (j.src_off + done) as libc::off_t,
-            )
-        };
-        if r == 0 {
+        let got = read_full_at(&src, &mut buf[..n], j.src_off + done)?;
+        dst.write_all_at(&buf[..got], j.dst_off + done)?;
+        if got < n {
             return Ok(());
         }
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let mut w = 0usize;
-        while w < r as usize {
-            // SAFETY: writes initialized bytes of our buffer to an open
-            // descriptor.
-            let k = unsafe {
-                libc::pwrite(
-                    j.dst,
-                    buf[w..].as_ptr() as *const libc::c_void,
-                    r as usize - w,
-                    (j.dst_off + done + w as u64) as libc::off_t,
-                )
-            };
-            if k < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            w += k as usize;
-        }
-        done += r as u64;
+        done += got as u64;
     }
     Ok(())
 }
 
-/// Prepare a target range for its copy: allocate it with `fallocate`
-/// (one extent allocation instead of delayed allocation page by page, as
-/// QEMU's qcow2 driver does for new clusters), here, on a preparing
-/// thread, so that the copier only copies. Errors (file systems without
-/// fallocate, block devices) only lose the optimization; the file size is
-/// left to the copy.
-///
-/// Filling the range's page cache ahead (`readahead` of the unwritten
-/// range) was tried and dropped: it moves page allocation off the copier
-/// but zeroes every page once more, which measured slower on this host
-/// whenever freed pages were reused.
-fn prepare(j: &Job) {
-    // SAFETY: plain syscall on an open descriptor with integer arguments.
-    unsafe {
-        libc::fallocate(
-            j.dst,
-            libc::FALLOC_FL_KEEP_SIZE,
-            j.dst_off as libc::off_t,
-            j.len as libc::off_t,
-        )
-    };
+/// The buffered copier's state: its buffer and whether `copy_file_range`
+/// works here.
+struct Buffered {
+    buf: Vec<u8>,
+    use_cfr: bool,
+}
+
+impl Buffered {
+    fn new() -> Buffered {
+        Buffered {
+            buf: Vec::new(),
+            use_cfr: true,
+        }
+    }
+
+    /// Do job `j` through the page cache. Errors carry a target offset.
+    fn copy(&mut self, j: Job) -> Result<(), (u64, std::io::Error)> {
+        if j.blk == 0 {
+            return copy_range(j, &mut self.buf, &mut self.use_cfr).map_err(|e| (j.dst_off, e));
+        }
+        let src = borrow(j.src);
+        if j.blk >= PROBE_MIN {
+            // Probed (a few KiB per block), then copied in the kernel.
+            let found = file_runs(&src, j.src_off, j.len, j.blk, &mut self.buf)
+                .map_err(|e| (j.dst_off, e))?;
+            for (a, b) in found {
+                let part = Job {
+                    src_off: j.src_off + a as u64,
+                    dst_off: j.dst_off + a as u64,
+                    len: (b - a) as u64,
+                    blk: 0,
+                    ..j
+                };
+                self.copy(part)?;
+            }
+            return Ok(());
+        }
+        // Small blocks: the whole job is read to be scanned; its runs are
+        // written from what was read.
+        if self.buf.len() < j.len as usize {
+            self.buf.resize(j.len as usize, 0);
+        }
+        let data = &mut self.buf[..j.len as usize];
+        let got = read_full_at(&src, data, j.src_off).map_err(|e| (j.dst_off, e))?;
+        let dst = borrow(j.dst);
+        for (a, b) in nonzero_runs(&data[..got], j.blk) {
+            write_all_at(&dst, &data[a..b], j.dst_off + a as u64)?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes by which [`Pool`]'s preparers grow the target ahead of appended
+/// jobs when direct writes are on (a direct write past the end of the
+/// file would be synchronous and hold the inode lock exclusive).
+const GROW_STEP: u64 = 1 << 30;
+
+/// What the preparing threads share.
+struct Prep {
+    /// Direct writes are on: no `fallocate` (it waits for all direct
+    /// writes in flight and blocks the copiers meanwhile); the file is
+    /// only grown ahead.
+    direct: bool,
+    /// Size the target was grown to.
+    grown: Mutex<u64>,
+}
+
+impl Prep {
+    /// Prepare the target for a job copied as a whole (appended data of a
+    /// qcow2 target): without direct writes, allocate the range with
+    /// `fallocate` (one extent allocation instead of delayed allocation
+    /// page by page, as QEMU's qcow2 driver does for new clusters), here,
+    /// so that the copier only copies; with them, grow the file past the
+    /// range by [`GROW_STEP`] when needed (the writer of the image cuts
+    /// the file to its end when it finishes). Errors (file systems without
+    /// fallocate, block devices) only lose the optimization. Jobs that
+    /// scan for zeroes are not prepared: their runs are not known yet.
+    ///
+    /// Filling the range's page cache ahead (`readahead` of the unwritten
+    /// range) was tried and dropped: it moves page allocation off the
+    /// copier but zeroes every page once more, which measured slower on
+    /// this host whenever freed pages were reused.
+    fn prepare(&self, j: &Job) {
+        if j.blk != 0 {
+            return;
+        }
+        let end = j.dst_off + j.len;
+        if !self.direct {
+            // SAFETY: plain syscall on an open descriptor with integer
+            // arguments.
+            unsafe {
+                libc::fallocate(
+                    j.dst,
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    j.dst_off as libc::off_t,
+                    j.len as libc::off_t,
+                )
+            };
+            return;
+        }
+        let Ok(mut grown) = self.grown.lock() else {
+            return;
+        };
+        if end > *grown {
+            let to = end + GROW_STEP;
+            // SAFETY: plain syscall on an open descriptor with an integer
+            // argument.
+            if unsafe { libc::ftruncate(j.dst, to as libc::off_t) } == 0 {
+                *grown = to;
+            }
+        }
+    }
 }
 
 /// The first error of a pool: target offset and error.
 type Failed = Arc<Mutex<Option<(u64, std::io::Error)>>>;
 
-/// Copies in two stages: `preparers` threads allocate the target ranges
-/// (see [`prepare`]) and hand them to one copier thread. Buffered writes
-/// to one file are serialized by its inode lock, so more copiers would
-/// only spin on it (measured: 4 copiers used 40% more CPU for the same
-/// wall time). The first error stops everything.
+/// The next prepared job, shared by the copiers; `None` when all are done.
+fn next(rx: &Mutex<Receiver<Job>>) -> Option<Job> {
+    rx.lock().ok()?.recv().ok()
+}
+
+/// Keep the first error of a pool and make everyone stop.
+fn record(failed: &AtomicBool, err: &Failed, e: (u64, std::io::Error)) {
+    failed.store(true, Ordering::Relaxed);
+    if let Ok(mut g) = err.lock() {
+        g.get_or_insert(e);
+    }
+}
+
+/// Copies into one target in two stages: `preparers` threads prepare the
+/// target ranges (see [`Prep::prepare`]) and hand the jobs to two copiers,
+/// which take the next job whenever they are ready for one: one copies
+/// through the page cache ([`Buffered`]), the other writes directly
+/// ([`direct`]), so the disk works from the start and the page cache holds
+/// less dirty data (past the kernel's dirty limit, buffered writers are
+/// throttled to writeback speed). Buffered writes to one file are
+/// serialized by its inode lock, so more buffered copiers would only spin
+/// on it (measured: 4 copiers used 40% more CPU for the same wall time).
+/// Where direct I/O is not available the buffered copier does all. The
+/// first error stops everything.
 pub struct Pool<'s> {
     tx: Option<SyncSender<Job>>,
+    dst: RawFd,
     workers: Vec<std::thread::ScopedJoinHandle<'s, ()>>,
     failed: Arc<AtomicBool>,
     err: Failed,
 }
 
 impl<'s> Pool<'s> {
-    /// Start `preparers` preparing threads and the copier in `scope`.
-    pub fn new<'e>(scope: &'s std::thread::Scope<'s, 'e>, preparers: usize) -> Pool<'s> {
+    /// Start `preparers` preparing threads and the copiers of `dst` in
+    /// `scope`. `dst` must stay open until [`Pool::finish`].
+    pub fn new<'e>(
+        scope: &'s std::thread::Scope<'s, 'e>,
+        dst: &File,
+        preparers: usize,
+    ) -> Pool<'s> {
         let preparers = preparers.max(1);
+        let dio = direct::Direct::open(dst.as_raw_fd());
+        let prep = Arc::new(Prep {
+            direct: dio.is_some(),
+            grown: Mutex::new(dst.metadata().map(|m| m.len()).unwrap_or(0)),
+        });
         let (tx, rx) = sync_channel::<Job>(preparers * 2);
         let (ctx, crx) = sync_channel::<Job>(preparers * 2);
         let rx: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(rx));
@@ -361,71 +470,111 @@ impl<'s> Pool<'s> {
         let err: Failed = Arc::new(Mutex::new(None));
         let mut workers = Vec::new();
         for _ in 0..preparers {
-            let rx = rx.clone();
-            let ctx = ctx.clone();
-            let failed = failed.clone();
-            workers.push(scope.spawn(move || loop {
-                let job = match rx.lock() {
-                    Ok(r) => r.recv(),
-                    Err(_) => return,
-                };
-                let Ok(job) = job else { return };
-                if !failed.load(Ordering::Relaxed) {
-                    prepare(&job);
-                }
-                if ctx.send(job).is_err() {
-                    return;
+            let (rx, ctx, prep, failed) = (rx.clone(), ctx.clone(), prep.clone(), failed.clone());
+            workers.push(scope.spawn(move || {
+                while let Some(job) = next(&rx) {
+                    if !failed.load(Ordering::Relaxed) {
+                        prep.prepare(&job);
+                    }
+                    if ctx.send(job).is_err() {
+                        return;
+                    }
                 }
             }));
         }
         drop(ctx);
+        let crx = Arc::new(Mutex::new(crx));
         {
-            let failed = failed.clone();
-            let err = err.clone();
+            let (crx, failed, err) = (crx.clone(), failed.clone(), err.clone());
             workers.push(scope.spawn(move || {
-                let mut buf = Vec::new();
-                let mut use_cfr = true;
-                for job in crx {
-                    if failed.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    if let Err(e) = copy_range(job, &mut buf, &mut use_cfr) {
-                        failed.store(true, Ordering::Relaxed);
-                        if let Ok(mut g) = err.lock() {
-                            g.get_or_insert((job.dst_off, e));
+                let mut b = Buffered::new();
+                while let Some(job) = next(&crx) {
+                    if !failed.load(Ordering::Relaxed) {
+                        if let Err(e) = b.copy(job) {
+                            record(&failed, &err, e);
                         }
                     }
                 }
             }));
         }
+        if let Some(mut d) = dio {
+            let (failed, err) = (failed.clone(), err.clone());
+            workers.push(scope.spawn(move || {
+                while let Some(job) = next(&crx) {
+                    if !failed.load(Ordering::Relaxed) {
+                        if let Err(e) = d.copy(job) {
+                            record(&failed, &err, e);
+                        }
+                    }
+                }
+                if let Err(e) = d.drain() {
+                    record(&failed, &err, e);
+                }
+            }));
+        }
         Pool {
             tx: Some(tx),
+            dst: dst.as_raw_fd(),
             workers,
             failed,
             err,
         }
     }
 
-    /// Queue a copy of `len` bytes (split for the workers). Returns the
-    /// first error of an earlier copy (target offset, error), if any.
+    /// Queue a copy of `len` bytes from `src` at `src_off` to the target
+    /// at `dst_off` (split for the copiers). Returns the first error of an
+    /// earlier copy (target offset, error), if any.
     pub fn copy(
         &self,
         src: &File,
         src_off: u64,
-        dst: &File,
         dst_off: u64,
         len: u64,
     ) -> Result<(), (u64, std::io::Error)> {
+        self.queue(src, src_off, dst_off, len, 0)
+    }
+
+    /// Like [`Pool::copy`], but only the runs of blocks of `blk` bytes
+    /// (counted from `src_off`) that are not all zeroes are written: the
+    /// copiers scan as they copy ([`file_runs`]' rules: large blocks are
+    /// probed). Bytes past the source's end count as zeroes.
+    pub fn copy_sparse(
+        &self,
+        src: &File,
+        src_off: u64,
+        dst_off: u64,
+        len: u64,
+        blk: usize,
+    ) -> Result<(), (u64, std::io::Error)> {
+        self.queue(src, src_off, dst_off, len, blk.max(1))
+    }
+
+    fn queue(
+        &self,
+        src: &File,
+        src_off: u64,
+        dst_off: u64,
+        len: u64,
+        blk: usize,
+    ) -> Result<(), (u64, std::io::Error)> {
+        // Jobs of whole blocks, so that block boundaries stay where the
+        // caller counts them.
+        let step = if blk == 0 {
+            JOB_MAX
+        } else {
+            (JOB_MAX / blk as u64).max(1) * blk as u64
+        };
         let mut done = 0;
         while done < len {
             self.check()?;
-            let n = (len - done).min(JOB_MAX);
+            let n = (len - done).min(step);
             let job = Job {
                 src: src.as_raw_fd(),
                 src_off: src_off + done,
-                dst: dst.as_raw_fd(),
+                dst: self.dst,
                 dst_off: dst_off + done,
                 len: n,
+                blk,
             };
             if let Some(tx) = &self.tx {
                 if tx.send(job).is_err() {
@@ -566,6 +715,7 @@ mod tests {
                 dst: dst.as_raw_fd(),
                 dst_off: 77,
                 len: 2_999_500, // runs 500 bytes past the source's end
+                blk: 0,
             };
             copy_range(job, &mut buf, &mut use_cfr).unwrap();
             let mut got = vec![0u8; 2_999_000];
@@ -575,18 +725,134 @@ mod tests {
             assert!(len == 77 + 2_999_000 || len == 77 + 2_999_500, "{len}");
             std::fs::remove_file(pd).unwrap();
         }
-        // Through the pool, in pieces, by two workers.
-        let (pd, dst) = tmp("pool", &[]);
-        std::thread::scope(|sc| {
-            let pool = Pool::new(sc, 2);
-            pool.copy(&src, 0, &dst, 0, 1 << 20).unwrap();
-            pool.copy(&src, 1 << 20, &dst, 1 << 20, 2_000_000 - (1 << 20))
-                .unwrap();
-            pool.finish().unwrap();
-        });
-        let mut got = vec![0u8; 2_000_000];
+        std::fs::remove_file(ps).unwrap();
+    }
+
+    /// Patterned data over several jobs with zero stretches: a whole 64
+    /// KiB block, a page, a sub-page piece, and a short tail.
+    fn sample() -> Vec<u8> {
+        let mut d: Vec<u8> = (0..(3 * JOB_MAX as usize + 12345))
+            .map(|i| (i % 251) as u8 | 1)
+            .collect();
+        d[(5 << 20)..(5 << 20) + (64 << 10)].fill(0);
+        d[(9 << 20) + 8192..(9 << 20) + 12288].fill(0);
+        d[(17 << 20) + 512..(17 << 20) + 1024].fill(0);
+        d
+    }
+
+    /// Whether `[off, off + len)` of `f` holds no allocated data.
+    fn is_hole(f: &File, off: u64, len: u64) -> bool {
+        // SAFETY: lseek on an open descriptor with integer arguments.
+        let next = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        next < 0 || next as u64 >= off + len
+    }
+
+    #[test]
+    fn pool_copies_whole_and_sparse_through_both_copiers() {
+        let data = sample();
+        let (ps, src) = tmp("psrc", &data);
+        for blk in [0usize, 512, 4096, 64 << 10] {
+            // A raw target as convert makes it: full size, all holes.
+            let (pd, dst) = tmp(&format!("pdst{blk}"), &[]);
+            dst.set_len(data.len() as u64 + 4096).unwrap();
+            std::thread::scope(|sc| {
+                let pool = Pool::new(sc, &dst, 2);
+                let cut = (7 << 20) + 4096;
+                if blk == 0 {
+                    pool.copy(&src, 0, 0, cut).unwrap();
+                    pool.copy(&src, cut, cut, data.len() as u64 - cut).unwrap();
+                } else {
+                    pool.copy_sparse(&src, 0, 0, cut, blk).unwrap();
+                    // Past the source's end: read as zeroes.
+                    pool.copy_sparse(&src, cut, cut, data.len() as u64 - cut + 9000, blk)
+                        .unwrap();
+                }
+                pool.finish().unwrap();
+            });
+            let mut got = vec![0u8; data.len()];
+            dst.read_exact_at(&mut got, 0).unwrap();
+            assert!(got == data, "blk {blk}: content differs");
+            if blk != 0 {
+                dst.sync_all().unwrap();
+                // The 64 KiB zero block is left a hole at every block size.
+                assert!(is_hole(&dst, 5 << 20, 64 << 10), "blk {blk}");
+                assert_eq!(
+                    is_hole(&dst, (9 << 20) + 8192, 4096),
+                    blk <= 4096,
+                    "blk {blk}"
+                );
+            }
+            std::fs::remove_file(pd).unwrap();
+        }
+        std::fs::remove_file(ps).unwrap();
+    }
+
+    /// Pages of `[off, off + len)` of `f` in the page cache.
+    fn resident(f: &File, off: u64, len: u64) -> usize {
+        let m = Mapped::new(f, off, len).unwrap();
+        let pages = len.div_ceil(4096) as usize;
+        let mut v = vec![0u8; pages];
+        // SAFETY: mincore over our own live mapping (off is page
+        // aligned here), into a vector of one byte per page.
+        let r = unsafe {
+            libc::mincore(
+                m.bytes().as_ptr() as *mut libc::c_void,
+                len as usize,
+                v.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        v.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn direct_writer_bypasses_the_page_cache_where_aligned() {
+        let data = sample();
+        let (ps, src) = tmp("dsrc", &data);
+        let (pd, dst) = tmp("ddst", &[]);
+        dst.set_len(32 << 20).unwrap();
+        let Some(mut d) = direct::Direct::open(dst.as_raw_fd()) else {
+            eprintln!(
+                "skipped: no direct I/O or io_uring on {}",
+                std::env::temp_dir().display()
+            );
+            std::fs::remove_file(pd).unwrap();
+            std::fs::remove_file(ps).unwrap();
+            return;
+        };
+        let job = |src_off: u64, dst_off: u64, len: u64, blk: usize| Job {
+            src: src.as_raw_fd(),
+            src_off,
+            dst: dst.as_raw_fd(),
+            dst_off,
+            len,
+            blk,
+        };
+        let mib = 1u64 << 20;
+        // Aligned, whole: direct.
+        d.copy(job(0, 0, 4 * mib, 0)).unwrap();
+        // Unaligned target offset: buffered.
+        d.copy(job(4 * mib, 4 * mib + 100, mib, 0)).unwrap();
+        // Scanned with sub-page blocks: the aligned runs direct, the rest
+        // buffered; the zero block stays unwritten.
+        d.copy(job(16 * mib, 16 * mib, 2 * mib, 512)).unwrap();
+        // Past the source's end: the missing part is written as zeroes.
+        let tail = data.len() as u64 - 4096;
+        d.copy(job(tail, 24 * mib, mib, 0)).unwrap();
+        d.drain().unwrap();
+        // The direct range never went through the page cache; the
+        // buffered one did.
+        assert_eq!(resident(&dst, 0, 4 * mib), 0);
+        assert!(resident(&dst, 4 * mib, mib) > 0);
+        let mut got = vec![0u8; 32 << 20];
         dst.read_exact_at(&mut got, 0).unwrap();
-        assert_eq!(got, &data[..2_000_000]);
+        let m = mib as usize;
+        assert!(got[..4 * m] == data[..4 * m]);
+        assert!(got[4 * m + 100..5 * m + 100] == data[4 * m..5 * m]);
+        assert!(got[16 * m..18 * m] == data[16 * m..18 * m]);
+        assert!(got[24 * m..24 * m + 4096] == data[tail as usize..]);
+        assert!(got[24 * m + 4096..25 * m].iter().all(|&b| b == 0));
+        drop(d);
         std::fs::remove_file(pd).unwrap();
         std::fs::remove_file(ps).unwrap();
     }

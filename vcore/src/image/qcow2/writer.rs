@@ -274,6 +274,12 @@ impl SeqWriter {
         if !l1.is_empty() {
             meta::write_table(&self.f, self.h.l1_table_offset, &l1).map_err(io)?;
         }
+        // The refcount table is the last cluster in use: a caller that
+        // grew the file ahead of its data leaves no tail behind.
+        let file_end = rt_off + n_rt * cs;
+        if self.f.metadata().map_err(io)?.len() > file_end {
+            self.f.set_len(file_end).map_err(io)?;
+        }
         if sync {
             self.f.sync_data().map_err(io)?;
         }
