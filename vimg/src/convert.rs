@@ -528,9 +528,9 @@ fn write_err((at, e): (u64, std::io::Error)) -> Failure {
 }
 
 /// Convert into a fresh raw file (sparse, no backing): zero extents are
-/// skipped, data extents go to the copier threads, which scan them for
-/// zero blocks of `sparse` bytes as they copy; anything else (compressed
-/// clusters) is read, scanned and written here.
+/// skipped, data extents scanned here for zero blocks of `sparse` bytes
+/// (with `pread`) and their non-zero runs copied by the copier threads;
+/// anything else (compressed clusters) is read, scanned and written here.
 fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, show: bool) -> R<()> {
     let blk = sparse as usize;
     let mut prog = Progress {
@@ -551,8 +551,16 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, sho
                 let mut n = e.length.clamp(1, max);
                 if !e.zero {
                     if let Some((f, h)) = plain_extent(src, &e) {
-                        pool.copy_sparse(f, h, base + off, n, blk)
-                            .map_err(write_err)?;
+                        let found = file_runs(f, h, n, blk, &mut buf).map_err(|e| {
+                            fail(format!(
+                                "error while reading at byte {off}: {}",
+                                vcore::image::qcow2::os_msg(&e)
+                            ))
+                        })?;
+                        for (a, b) in found {
+                            pool.copy(f, h + a as u64, base + off + a as u64, (b - a) as u64)
+                                .map_err(write_err)?;
+                        }
                     } else {
                         n = n.min(CHUNK);
                         buf.resize(n as usize, 0);

@@ -17,7 +17,7 @@
 //! holds both directly and buffered written bytes. Anything else, and
 //! everything once a direct write has failed, is copied buffered.
 
-use super::{borrow, nonzero_runs, write_all_at, Buffered, Job};
+use super::{borrow, write_all_at, Buffered, Job};
 use io_uring::{opcode, types, IoUring};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -45,6 +45,13 @@ impl AlignedBuf {
         // SAFETY: the layout has a non-zero size (checked above).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         (!ptr.is_null()).then_some(AlignedBuf { ptr, layout })
+    }
+
+    fn bytes(&self, at: usize, len: usize) -> &[u8] {
+        // SAFETY: ptr points to layout.size() initialized bytes owned by
+        // self; the slice is bounds-checked below against that size.
+        let all = unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) };
+        &all[at..at + len]
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
@@ -163,66 +170,60 @@ impl Direct {
         })
     }
 
-    /// Do job `j`: read its source into a buffer, scan it for zero blocks
-    /// if asked to, and write the runs directly (asynchronously) where
-    /// they are aligned, else buffered, here. Errors carry a target
-    /// offset.
+    /// Wait until a buffer is free, so that the next job can start at
+    /// once (while the disk is busy, the buffered copier takes the jobs).
+    pub(super) fn ready(&mut self) -> Result<(), (u64, std::io::Error)> {
+        while self.free.is_empty() {
+            self.reap(1)?;
+        }
+        Ok(())
+    }
+
+    /// Do job `j`: read its source into a buffer and write it directly
+    /// (asynchronously) where it is aligned, else buffered, here. Errors
+    /// carry a target offset.
     pub(super) fn copy(&mut self, j: Job) -> Result<(), (u64, std::io::Error)> {
         if self.off || j.dst != self.dst || j.len == 0 || j.len > super::JOB_MAX {
             return self.buffered.copy(j);
         }
-        while self.free.is_empty() {
-            self.reap(1)?;
-        }
-        if self.off {
-            return self.buffered.copy(j);
-        }
+        self.ready()?;
         let Some(slot) = self.free.pop() else {
             return self.buffered.copy(j);
         };
-        let n = j.len as usize;
-        let src = borrow(j.src);
-        let buf = &mut self.bufs[slot].bytes_mut()[..n];
-        let got = match super::read_full_at(&src, buf, j.src_off) {
-            Ok(got) => got,
-            Err(e) => {
-                self.free.push(slot);
-                return Err((j.dst_off, e));
-            }
-        };
-        let runs = if j.blk == 0 {
-            // A source that ended early (shrunk under -U): the rest of the
-            // fresh target reads as zeroes either way.
-            buf[got..].fill(0);
-            vec![(0, n)]
-        } else {
-            nonzero_runs(&buf[..got], j.blk)
-        };
-        for (a, b) in runs {
-            let w = Write {
-                slot,
-                at: a,
-                len: b - a,
-                dst_off: j.dst_off + a as u64,
-            };
-            let aligned = w.dst_off % self.align == 0 && w.len as u64 % self.align == 0;
-            if !self.off && aligned && self.push(w)? {
-                continue;
-            }
-            // Unaligned (blocks smaller than a page, an unaligned end):
-            // buffered, from the same buffer.
-            let dst = borrow(self.dst);
-            let b = &self.bufs[slot].bytes_mut()[w.at..w.at + w.len];
-            if let Err(e) = write_all_at(&dst, b, w.dst_off) {
-                self.settle(slot);
-                return Err(e);
-            }
-        }
+        // Held while this job fills and queues the buffer: completions
+        // reaped meanwhile must not free it.
+        self.pending[slot] += 1;
+        let r = self.fill(slot, j);
+        self.pending[slot] -= 1;
         self.settle(slot);
         if self.ring.submit().is_err() {
             self.off = true;
         }
-        Ok(())
+        r
+    }
+
+    fn fill(&mut self, slot: usize, j: Job) -> Result<(), (u64, std::io::Error)> {
+        let n = j.len as usize;
+        let src = borrow(j.src);
+        let buf = &mut self.bufs[slot].bytes_mut()[..n];
+        let got = super::read_full_at(&src, buf, j.src_off).map_err(|e| (j.dst_off, e))?;
+        // A source that ended early (shrunk under -U): the rest of the
+        // fresh target reads as zeroes either way.
+        buf[got..].fill(0);
+        let w = Write {
+            slot,
+            at: 0,
+            len: n,
+            dst_off: j.dst_off,
+        };
+        let aligned = w.dst_off % self.align == 0 && w.len as u64 % self.align == 0;
+        if !self.off && aligned && self.push(w)? {
+            return Ok(());
+        }
+        // Unaligned (a run of sub-page blocks, an unaligned end):
+        // buffered, from the same buffer.
+        let dst = borrow(self.dst);
+        write_all_at(&dst, self.bufs[slot].bytes(0, n), w.dst_off)
     }
 
     /// A buffer whose writes are all done goes back to the free list.
@@ -243,7 +244,7 @@ impl Direct {
         let Some(id) = self.free_writes.pop() else {
             return Ok(false);
         };
-        let ptr = self.bufs[w.slot].bytes_mut()[w.at..w.at + w.len].as_ptr();
+        let ptr = self.bufs[w.slot].bytes(w.at, w.len).as_ptr();
         let sqe = opcode::Write::new(types::Fd(self.file.as_raw_fd()), ptr, w.len as u32)
             .offset(w.dst_off)
             .build()
@@ -296,7 +297,7 @@ impl Direct {
             if wrote < w.len {
                 self.off = true;
                 let dst = borrow(self.dst);
-                let b = &self.bufs[w.slot].bytes_mut()[w.at + wrote..w.at + w.len];
+                let b = self.bufs[w.slot].bytes(w.at + wrote, w.len - wrote);
                 result = write_all_at(&dst, b, w.dst_off + wrote as u64);
             }
             self.pending[w.slot] -= 1;
