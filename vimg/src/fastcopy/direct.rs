@@ -1,14 +1,14 @@
 //! Asynchronous `O_DIRECT` writes of copy jobs, beside the buffered copier.
 //!
-//! Buffered writes only run at memory speed until the kernel's dirty-page
-//! limit: past it (about 2 GiB of dirty pages on a 24 GiB machine) the
-//! writer is throttled to the speed of background writeback, which is
-//! far below the disk's. So while one thread copies through the page
-//! cache, another takes jobs from the same queue, reads their source into
-//! page-aligned buffers and writes them to the target with `O_DIRECT`
-//! through io_uring, a few in flight: the disk works from the start, the
-//! page cache holds less dirty data, and each path takes as many jobs as
-//! it can do. Asynchronous submission matters: a synchronous direct write
+//! Buffered writes run at memory speed only while the page cache takes
+//! them: past the kernel's dirty limit the writer is throttled to the
+//! speed of background writeback, and on this kvm_pvm host page allocation
+//! itself gets slow once freed memory went back to the hypervisor
+//! (measured: 3.5–4 GB/s, then 0.35–0.45 GB/s). Then a second copier takes
+//! jobs from the same queue ([`super::Pool`] decides when), reads their
+//! source into page-aligned buffers and writes them to the target with
+//! `O_DIRECT` through io_uring, a few in flight, so that the disk adds its
+//! bandwidth. Asynchronous submission matters: a synchronous direct write
 //! holds the inode lock shared for the whole transfer and starves the
 //! buffered writer, which needs it exclusive.
 //!
@@ -100,19 +100,6 @@ fn dio_align(fd: RawFd) -> Option<u64> {
     )
 }
 
-/// Direct writes in flight at most.
-const RING: usize = 64;
-
-/// One direct write in flight: its buffer, where in it, how many bytes,
-/// and where in the target.
-#[derive(Clone, Copy)]
-struct Write {
-    slot: usize,
-    at: usize,
-    len: usize,
-    dst_off: u64,
-}
-
 /// The direct writer of one target file.
 pub(super) struct Direct {
     /// The target opened anew with `O_DIRECT`.
@@ -122,11 +109,9 @@ pub(super) struct Direct {
     align: u64,
     ring: IoUring,
     bufs: Vec<AlignedBuf>,
-    /// Writes in flight per buffer; a buffer is free at 0.
-    pending: Vec<usize>,
+    /// The job whose write from each buffer is in flight.
+    inflight: Vec<Option<Job>>,
     free: Vec<usize>,
-    writes: Vec<Option<Write>>,
-    free_writes: Vec<usize>,
     /// Set after a direct write failed: the rest goes buffered.
     off: bool,
     buffered: Buffered,
@@ -150,7 +135,7 @@ impl Direct {
         }
         // SAFETY: fd is a descriptor we just opened and own alone.
         let file = unsafe { File::from_raw_fd(fd) };
-        let ring = IoUring::new(RING as u32).ok()?;
+        let ring = IoUring::new(DEPTH as u32).ok()?;
         let mut bufs = Vec::with_capacity(DEPTH);
         for _ in 0..DEPTH {
             bufs.push(AlignedBuf::new(super::JOB_MAX as usize, align as usize)?);
@@ -161,10 +146,8 @@ impl Direct {
             align,
             ring,
             bufs,
-            pending: vec![0; DEPTH],
+            inflight: vec![None; DEPTH],
             free: (0..DEPTH).collect(),
-            writes: vec![None; RING],
-            free_writes: (0..RING).collect(),
             off: false,
             buffered: Buffered::new(),
         })
@@ -179,102 +162,66 @@ impl Direct {
         Ok(())
     }
 
-    /// Do job `j`: read its source into a buffer and write it directly
-    /// (asynchronously) where it is aligned, else buffered, here. Errors
-    /// carry a target offset.
+    /// Do job `j`: read its source into a buffer and write it directly,
+    /// asynchronously, if its target offset and length are aligned; else
+    /// copy it buffered, here. Errors carry a target offset.
     pub(super) fn copy(&mut self, j: Job) -> Result<(), (u64, std::io::Error)> {
-        if self.off || j.dst != self.dst || j.len == 0 || j.len > super::JOB_MAX {
+        let fits = j.dst == self.dst
+            && j.len > 0
+            && j.len <= super::JOB_MAX
+            && j.dst_off % self.align == 0
+            && j.len % self.align == 0;
+        if self.off || !fits {
             return self.buffered.copy(j);
         }
         self.ready()?;
         let Some(slot) = self.free.pop() else {
             return self.buffered.copy(j);
         };
-        // Held while this job fills and queues the buffer: completions
-        // reaped meanwhile must not free it.
-        self.pending[slot] += 1;
-        let r = self.fill(slot, j);
-        self.pending[slot] -= 1;
-        self.settle(slot);
-        if self.ring.submit().is_err() {
-            self.off = true;
-        }
-        r
-    }
-
-    fn fill(&mut self, slot: usize, j: Job) -> Result<(), (u64, std::io::Error)> {
         let n = j.len as usize;
-        let src = borrow(j.src);
         let buf = &mut self.bufs[slot].bytes_mut()[..n];
-        let got = super::read_full_at(&src, buf, j.src_off).map_err(|e| (j.dst_off, e))?;
+        let got = match super::read_full_at(&borrow(j.src), buf, j.src_off) {
+            Ok(got) => got,
+            Err(e) => {
+                self.free.push(slot);
+                return Err((j.dst_off, e));
+            }
+        };
         // A source that ended early (shrunk under -U): the rest of the
         // fresh target reads as zeroes either way.
         buf[got..].fill(0);
-        let w = Write {
-            slot,
-            at: 0,
-            len: n,
-            dst_off: j.dst_off,
-        };
-        let aligned = w.dst_off % self.align == 0 && w.len as u64 % self.align == 0;
-        if !self.off && aligned && self.push(w)? {
-            return Ok(());
-        }
-        // Unaligned (a run of sub-page blocks, an unaligned end):
-        // buffered, from the same buffer.
-        let dst = borrow(self.dst);
-        write_all_at(&dst, self.bufs[slot].bytes(0, n), w.dst_off)
-    }
-
-    /// A buffer whose writes are all done goes back to the free list.
-    fn settle(&mut self, slot: usize) {
-        if self.pending[slot] == 0 && !self.free.contains(&slot) {
-            self.free.push(slot);
-        }
-    }
-
-    /// Queue direct write `w`; false if it cannot go that way.
-    fn push(&mut self, w: Write) -> Result<bool, (u64, std::io::Error)> {
-        while self.free_writes.is_empty() {
-            self.reap(1)?;
-        }
-        if self.off {
-            return Ok(false);
-        }
-        let Some(id) = self.free_writes.pop() else {
-            return Ok(false);
-        };
-        let ptr = self.bufs[w.slot].bytes(w.at, w.len).as_ptr();
-        let sqe = opcode::Write::new(types::Fd(self.file.as_raw_fd()), ptr, w.len as u32)
-            .offset(w.dst_off)
+        let sqe = opcode::Write::new(types::Fd(self.file.as_raw_fd()), buf.as_ptr(), n as u32)
+            .offset(j.dst_off)
             .build()
-            .user_data(id as u64);
-        // SAFETY: the buffer stays allocated and unwritten by us until
-        // this write's completion is reaped (its pending count keeps it off
-        // the free list; the buffers are dropped only after every write in
-        // flight completed), and the descriptor stays open as long as the
-        // ring.
-        let mut pushed = unsafe { self.ring.submission().push(&sqe) }.is_ok();
-        if !pushed && self.ring.submit().is_ok() {
-            // SAFETY: as above.
-            pushed = unsafe { self.ring.submission().push(&sqe) }.is_ok();
-        }
-        if !pushed {
-            self.free_writes.push(id);
+            .user_data(slot as u64);
+        // SAFETY: the buffer stays allocated and unwritten by us until this
+        // write's completion is reaped (it is off the free list until then;
+        // the buffers are dropped only after every write in flight
+        // completed), and the descriptor stays open as long as the ring.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            // Cannot happen (one entry per buffer); stay correct anyway.
             self.off = true;
-            return Ok(false);
+            let r = write_all_at(&borrow(self.dst), self.bufs[slot].bytes(0, n), j.dst_off);
+            self.free.push(slot);
+            return r;
         }
-        self.writes[id] = Some(w);
-        self.pending[w.slot] += 1;
-        Ok(true)
+        self.inflight[slot] = Some(j);
+        // A failed submission leaves the entry queued: the next wait
+        // submits it, or reports the error.
+        let _ = self.ring.submit();
+        Ok(())
+    }
+
+    /// Writes in flight.
+    fn busy(&self) -> usize {
+        self.inflight.iter().filter(|j| j.is_some()).count()
     }
 
     /// Wait until at least `want` writes completed (fewer if fewer are in
-    /// flight) and settle them: failed or short writes are finished
-    /// buffered and turn the direct path off.
+    /// flight) and settle them: a failed or short write is finished
+    /// buffered and turns the direct path off.
     fn reap(&mut self, want: usize) -> Result<(), (u64, std::io::Error)> {
-        let inflight = RING - self.free_writes.len();
-        let want = want.min(inflight);
+        let want = want.min(self.busy());
         loop {
             match self.ring.submit_and_wait(want) {
                 Ok(_) => break,
@@ -287,30 +234,29 @@ impl Direct {
             .completion()
             .map(|c| (c.user_data() as usize, c.result()))
             .collect();
-        for (id, res) in done {
-            let Some(w) = self.writes.get_mut(id).and_then(Option::take) else {
+        let mut result = Ok(());
+        for (slot, res) in done {
+            let Some(j) = self.inflight.get_mut(slot).and_then(Option::take) else {
                 continue;
             };
-            self.free_writes.push(id);
-            let wrote = (res.max(0) as usize).min(w.len);
-            let mut result = Ok(());
-            if wrote < w.len {
+            let wrote = (res.max(0) as u64).min(j.len);
+            if wrote < j.len {
                 self.off = true;
-                let dst = borrow(self.dst);
-                let b = self.bufs[w.slot].bytes(w.at + wrote, w.len - wrote);
-                result = write_all_at(&dst, b, w.dst_off + wrote as u64);
+                let rest = self.bufs[slot].bytes(wrote as usize, (j.len - wrote) as usize);
+                let r = write_all_at(&borrow(self.dst), rest, j.dst_off + wrote);
+                if result.is_ok() {
+                    result = r;
+                }
             }
-            self.pending[w.slot] -= 1;
-            self.settle(w.slot);
-            result?;
+            self.free.push(slot);
         }
-        Ok(())
+        result
     }
 
     /// Wait for every write in flight.
     pub(super) fn drain(&mut self) -> Result<(), (u64, std::io::Error)> {
-        while self.free_writes.len() < RING {
-            self.reap(RING)?;
+        while self.busy() > 0 {
+            self.reap(DEPTH)?;
         }
         Ok(())
     }
