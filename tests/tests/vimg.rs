@@ -1883,3 +1883,76 @@ fn option_lists_match_qemu_img() {
         e.same(&["amend", "-o", &format!("compat={c}"), "s.qcow2"]);
     }
 }
+
+/// Bytes of `file` in the page cache (util-linux `fincore`), if it runs.
+fn cached_bytes(file: &Path) -> Option<u64> {
+    let o = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(file)
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+}
+
+#[test]
+fn convert_cache_modes_like_qemu_img() {
+    let Some(e) = Env::new() else { return };
+    // 40 MiB: random data with a zero stretch (several copier jobs).
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut src = vec![0u8; 40 << 20];
+    for b in src.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    src[(9 << 20)..(12 << 20)].fill(0);
+    std::fs::write(e.p().join("src.raw"), &src).unwrap();
+    for (fmt, args) in [
+        ("raw", &["-t", "none"][..]),
+        ("qcow2", &["-t", "none"]),
+        ("raw", &["-t", "directsync", "-T", "none"]),
+        ("qcow2", &["-t", "writeback", "-W", "-m", "8"]),
+        ("raw", &["-t", "writethrough", "-m", "0x10"]),
+        ("qcow2", &["-t", "unsafe", "-T", "unsafe"]),
+    ] {
+        let dst = format!("c-{}.{fmt}", args.join(""));
+        let mut argv = vec!["convert", "-f", "raw", "-O", fmt];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["src.raw", &dst]);
+        let v = e.v(&argv);
+        assert_eq!(v.rc, 0, "vimg {argv:?}: {}", v.stderr);
+        // -t none: the data went to the disk around the page cache.
+        if args[1] == "none" {
+            match cached_bytes(&e.p().join(&dst)) {
+                Some(b) => assert!(b < 4 << 20, "{argv:?}: {b} bytes of the target cached"),
+                None => eprintln!("fincore not available: page cache not checked"),
+            }
+        }
+        if fmt == "qcow2" {
+            e.check_clean(&dst);
+        }
+        let o = e.q(&["compare", "-f", "raw", "-F", fmt, "src.raw", &dst]);
+        assert_eq!(o.rc, 0, "{argv:?}: {}{}", o.stdout, o.stderr);
+    }
+    // Bad values: qemu-img's messages and exit codes.
+    for args in [
+        &["-t", "bogus"][..],
+        &["-T", "bogus"],
+        &["-m", "0"],
+        &["-m", "17"],
+        &["-m", "-1"],
+        &["-m", "4x"],
+        &["-m", ""],
+        &["-m", "99999999999999999999"],
+    ] {
+        let _ = std::fs::remove_file(e.p().join("bad.qcow2"));
+        let mut argv = vec!["convert", "-O", "qcow2"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["src.raw", "bad.qcow2"]);
+        e.same(&argv);
+    }
+}

@@ -112,9 +112,9 @@ pub enum Cmd {
         #[arg(num_args = 0..)]
         args: Vec<String>,
     },
-    /// Convert or copy an image: vimg convert [-p] [-c] [-f fmt] [-O fmt] [-o opts] [-B backing -F fmt] [-S n] [-n] SRC DST
+    /// Convert or copy an image: vimg convert [-p] [-c] [-f fmt] [-O fmt] [-o opts] [-B backing -F fmt] [-S n] [-t cache] [-n] SRC DST
     #[command(
-        after_help = "Examples:\n  vimg convert -O raw disk.qcow2 disk.raw\n  vimg convert -p -c -O qcow2 disk.raw small.qcow2"
+        after_help = "Examples:\n  vimg convert -O raw disk.qcow2 disk.raw\n  vimg convert -p -c -O qcow2 disk.raw small.qcow2\n  vimg convert -t none -O raw disk.qcow2 /srv/disk.raw"
     )]
     Convert {
         #[arg(short = 'f')]
@@ -146,6 +146,20 @@ pub enum Cmd {
         quiet: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Target cache mode: unsafe (default: no flush), writeback,
+        /// writethrough (flush at the end), none, directsync (O_DIRECT
+        /// writes, flush at the end).
+        #[arg(short = 't', allow_hyphen_values = true)]
+        cache: Option<String>,
+        /// Source cache mode (checked, reads go through the page cache).
+        #[arg(short = 'T', allow_hyphen_values = true)]
+        src_cache: Option<String>,
+        /// Allow out-of-order writes (accepted: vimg's writes are unordered).
+        #[arg(short = 'W')]
+        out_of_order: bool,
+        /// Parallel requests, 1..16 (checked; vimg sizes its own threads).
+        #[arg(short = 'm', allow_hyphen_values = true)]
+        coroutines: Option<String>,
         /// Source image and target file.
         #[arg(num_args = 2..)]
         files: Vec<String>,
@@ -346,6 +360,10 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             no_create,
             quiet,
             force_share,
+            cache,
+            src_cache,
+            out_of_order: _,
+            coroutines,
             files,
         } => crate::convert::run(crate::convert::ConvertArgs {
             fmt,
@@ -358,6 +376,9 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             sparse,
             no_create,
             force_share,
+            cache,
+            src_cache,
+            coroutines,
             files,
         })
         .map(|_| 0),

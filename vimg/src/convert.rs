@@ -25,7 +25,34 @@ pub struct ConvertArgs {
     pub sparse: Option<String>,
     pub no_create: bool,
     pub force_share: bool,
+    /// `-t`: target cache mode.
+    pub cache: Option<String>,
+    /// `-T`: source cache mode.
+    pub src_cache: Option<String>,
+    /// `-m`: QEMU's number of coroutines.
+    pub coroutines: Option<String>,
     pub files: Vec<String>,
+}
+
+/// What a cache mode means for the target, as QEMU's
+/// `bdrv_parse_cache_mode` reads it: writes bypass the page cache
+/// (`O_DIRECT`), and the data is flushed before convert ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cache {
+    pub direct: bool,
+    pub flush: bool,
+}
+
+impl Cache {
+    pub fn parse(s: &str) -> Option<Cache> {
+        let (direct, flush) = match s {
+            "none" | "off" | "directsync" => (true, true),
+            "writeback" | "writethrough" => (false, true),
+            "unsafe" => (false, false),
+            _ => return None,
+        };
+        Some(Cache { direct, flush })
+    }
 }
 
 const CHUNK: u64 = 2 << 20;
@@ -37,9 +64,32 @@ fn progress(p: f64) {
 
 /// Run `convert`.
 pub fn run(a: ConvertArgs) -> R<()> {
+    if let Some(m) = &a.coroutines {
+        match parse_c_long(m) {
+            None => {
+                return Err(fail(format!(
+                    "Invalid number of coroutines specified: '{m}'."
+                )))
+            }
+            Some(1..=16) => {}
+            Some(_) => {
+                return Err(fail(
+                    "Invalid number of coroutines specified. Must be between 1 and 16.",
+                ))
+            }
+        }
+    }
     if a.files.len() < 2 {
         return Err(fail("Expecting one image file name"));
     }
+    let src_cache = a.src_cache.as_deref().unwrap_or("writeback");
+    if Cache::parse(src_cache).is_none() {
+        return Err(fail(format!("Invalid source cache option: {src_cache}")));
+    }
+    // qemu-img's default for convert targets: unsafe (no flush).
+    let cache_name = a.cache.as_deref().unwrap_or("unsafe");
+    let cache = Cache::parse(cache_name)
+        .ok_or_else(|| fail(format!("Invalid cache option: {cache_name}")))?;
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
     let in_fmt = match a.fmt.as_deref() {
@@ -116,7 +166,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
     // does; the sequential writer would map the data anew and leave the
     // preallocated clusters unused.
     if out_fmt == Format::Qcow2 && !a.no_create && !preallocated {
-        return convert_seq(&a, &mut sources, dst, total, sparse);
+        return convert_seq(&a, &mut sources, dst, total, sparse, cache);
     }
     if a.compress {
         return Err(fail(
@@ -134,7 +184,22 @@ pub fn run(a: ConvertArgs) -> R<()> {
         if a.progress {
             progress(0.0);
         }
-        fast_raw(&mut sources, &tfile, sparse, total, a.progress)?;
+        fast_raw(
+            &mut sources,
+            &tfile,
+            sparse,
+            total,
+            a.progress,
+            cache.direct,
+        )?;
+        if cache.flush {
+            tfile.sync_all().map_err(|e| {
+                fail(format!(
+                    "error while flushing {dst}: {}",
+                    vcore::image::qcow2::os_msg(&e)
+                ))
+            })?;
+        }
         if a.progress {
             println!("    (100.00/100%)");
         }
@@ -268,8 +333,13 @@ pub fn run(a: ConvertArgs) -> R<()> {
         Ok(())
     })?;
     drop(pool_tx);
-    // Like qemu-img convert (cache=unsafe): no fsync; data reaches the disk
-    // with the page cache.
+    // Like qemu-img convert: with the default cache=unsafe no fsync (data
+    // reaches the disk with the page cache); other modes flush at the end.
+    if cache.flush {
+        target
+            .flush()
+            .map_err(|e| fail(format!("error while flushing {dst}: {e}")))?;
+    }
     drop(target);
     if a.progress {
         println!("    (100.00/100%)");
@@ -286,6 +356,7 @@ fn convert_seq(
     dst: &str,
     total: u64,
     sparse: u64,
+    cache: Cache,
 ) -> R<()> {
     use crate::compress::Compressor;
     use vcore::image::qcow2::writer::SeqWriter;
@@ -324,9 +395,9 @@ fn convert_seq(
         progress(0.0);
     }
     if !a.compress && backing.is_none() && sparse != 0 {
-        fast_qcow2(&mut w, sources, total, a.progress)
+        fast_qcow2(&mut w, sources, total, a.progress, cache.direct)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-        w.finish(false)
+        w.finish(cache.flush)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
         if a.progress {
             println!("    (100.00/100%)");
@@ -465,7 +536,7 @@ fn convert_seq(
         }
         Ok(())
     })?;
-    w.finish(false)
+    w.finish(cache.flush)
         .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
     if a.progress {
         println!("    (100.00/100%)");
@@ -488,6 +559,30 @@ fn creation_failure(f: Failure, dst: &str, fmt: &str) -> Failure {
     } else {
         fail(format!("{dst}: error while converting {fmt}: {bare}"))
     }
+}
+
+/// `s` read whole as C's `strtol` with base 0 reads it (decimal, 0x hex,
+/// 0 octal; what qemu_strtol accepts without an end pointer). `None` if it
+/// is not a number; a value past the range of a C long comes back as
+/// `i64::MAX` (`strtol` saturates).
+fn parse_c_long(s: &str) -> Option<i64> {
+    let t = s.trim_start();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = i64::from_str_radix(digits, radix).unwrap_or(i64::MAX);
+    Some(if neg { -v } else { v })
 }
 
 /// Threads allocating target ranges ahead of the fast paths' copier.
@@ -531,7 +626,14 @@ fn write_err((at, e): (u64, std::io::Error)) -> Failure {
 /// skipped, data extents scanned here for zero blocks of `sparse` bytes
 /// (with `pread`) and their non-zero runs copied by the copier threads;
 /// anything else (compressed clusters) is read, scanned and written here.
-fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, show: bool) -> R<()> {
+fn fast_raw(
+    sources: &mut [Vec<Layer>],
+    dst: &File,
+    sparse: u64,
+    total: u64,
+    show: bool,
+    direct: bool,
+) -> R<()> {
     let blk = sparse as usize;
     let mut prog = Progress {
         on: show,
@@ -540,7 +642,7 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, sho
     };
     let mut buf: Vec<u8> = Vec::new();
     std::thread::scope(|sc| -> R<()> {
-        let pool = Pool::new(sc, dst, PREPARERS);
+        let pool = Pool::new(sc, dst, PREPARERS, direct);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -592,6 +694,7 @@ fn fast_qcow2(
     sources: &mut [Vec<Layer>],
     total: u64,
     show: bool,
+    direct: bool,
 ) -> Result<(), String> {
     let cs = w.header().cluster_size();
     let out = w.file().try_clone().map_err(|e| e.to_string())?;
@@ -605,7 +708,7 @@ fn fast_qcow2(
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
     std::thread::scope(|sc| -> Result<(), String> {
-        let pool = Pool::new(sc, &out, PREPARERS);
+        let pool = Pool::new(sc, &out, PREPARERS, direct);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();

@@ -336,7 +336,7 @@ struct Prep {
     /// A direct copier exists.
     direct: bool,
     /// The buffered copier's speed, and the speed from which on the
-    /// direct copier idles (see [`FAST`]).
+    /// direct copier idles (see [`FAST`]; 0: it never idles).
     speed: Arc<AtomicU64>,
     fast: u64,
     /// Size the target was grown to.
@@ -378,7 +378,7 @@ impl Prep {
                 }
             }
         }
-        if !self.direct || self.speed.load(Ordering::Relaxed) >= self.fast {
+        if !self.direct || (self.fast > 0 && self.speed.load(Ordering::Relaxed) >= self.fast) {
             // SAFETY: plain syscall on an open descriptor with integer
             // arguments.
             unsafe {
@@ -433,16 +433,20 @@ pub struct Pool<'s> {
 impl<'s> Pool<'s> {
     /// Start `preparers` preparing threads and the copiers of `dst` in
     /// `scope`. `dst` must stay open until [`Pool::finish`].
+    /// With `direct_only` (`-t none`), every job goes to the direct copier
+    /// (where direct I/O is available).
     pub fn new<'e>(
         scope: &'s std::thread::Scope<'s, 'e>,
         dst: &File,
         preparers: usize,
+        direct_only: bool,
     ) -> Pool<'s> {
-        Pool::with_speed_limit(scope, dst, preparers, FAST)
+        Pool::with_speed_limit(scope, dst, preparers, if direct_only { 0 } else { FAST })
     }
 
     /// [`Pool::new`] with another buffered speed from which on the direct
-    /// copier idles (see [`FAST`]).
+    /// copier idles (see [`FAST`]); 0: no buffered copier, the direct
+    /// copier takes every job.
     fn with_speed_limit<'e>(
         scope: &'s std::thread::Scope<'s, 'e>,
         dst: &File,
@@ -451,6 +455,7 @@ impl<'s> Pool<'s> {
     ) -> Pool<'s> {
         let preparers = preparers.max(1);
         let dio = direct::Direct::open(dst.as_raw_fd());
+        let direct_only = fast == 0 && dio.is_some();
         let speed = Arc::new(AtomicU64::new(u64::MAX));
         let prep = Arc::new(Prep {
             direct: dio.is_some(),
@@ -480,7 +485,7 @@ impl<'s> Pool<'s> {
         drop(ctx);
         let crx = Arc::new(Mutex::new(crx));
         let closing = Arc::new(AtomicBool::new(false));
-        {
+        if !direct_only {
             let (crx, failed, err, speed) =
                 (crx.clone(), failed.clone(), err.clone(), speed.clone());
             workers.push(scope.spawn(move || {
@@ -516,11 +521,13 @@ impl<'s> Pool<'s> {
                     // Idle while the page cache takes the data at memory
                     // speed: direct writes would only add disk waits and
                     // lock traffic there.
-                    while speed.load(Ordering::Relaxed) >= fast && !closing.load(Ordering::Relaxed)
+                    while !direct_only
+                        && speed.load(Ordering::Relaxed) >= fast
+                        && !closing.load(Ordering::Relaxed)
                     {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
-                    if speed.load(Ordering::Relaxed) >= fast {
+                    if !direct_only && speed.load(Ordering::Relaxed) >= fast {
                         // No more jobs come and the buffered copier is
                         // fast: it does the rest.
                         break;
@@ -751,8 +758,9 @@ mod tests {
         let data = sample();
         let (ps, src) = tmp("psrc", &data);
         // FAST: the direct copier idles while the buffered one is fast;
-        // u64::MAX: it joins after the buffered copier's first job.
-        for fast in [FAST, u64::MAX] {
+        // u64::MAX: it joins after the buffered copier's first job; 0: it
+        // does everything (-t none).
+        for fast in [FAST, u64::MAX, 0] {
             for raw in [true, false] {
                 // A raw target as convert makes it (full size, all holes),
                 // or an empty file grown by appending (a qcow2 target).
