@@ -102,6 +102,7 @@ row "check m200.qcow2 (3.2M clusters)" ":" check m200.qcow2
 REP=1 WARM=1
 row "convert -O raw full4g.qcow2 (4G allocated)" "rm -f out.raw; sync" convert -O raw full4g.qcow2 out.raw
 row "convert -O qcow2 full4g.raw" "rm -f out.qcow2; sync" convert -f raw -O qcow2 full4g.raw out.qcow2
+row "convert -t none -O raw full4g.qcow2 (O_DIRECT)" "rm -f out.raw; sync" convert -t none -O raw full4g.qcow2 out.raw
 row "convert -O raw img.qcow2 (sparse)" "rm -f out.raw; sync" convert -O raw img.qcow2 out.raw
 row "convert -c -O qcow2 text1g.raw (zlib)" "rm -f out.qcow2; sync" convert -c -f raw -O qcow2 text1g.raw out.qcow2
 row "convert -c zstd text1g.raw" "rm -f out.qcow2; sync" convert -c -f raw -O qcow2 -o compression_type=zstd text1g.raw out.qcow2

@@ -1,14 +1,16 @@
 //! Fast data path of `convert` into a fresh target: data extents of the
 //! source (contiguous host ranges found through block status) are scanned
-//! for zero blocks, and the non-zero runs written at their final offsets
-//! by two copiers that take jobs from one queue: one through the page
-//! cache (`copy_file_range`, one copy inside the kernel, or `pwrite` of
-//! what it scanned), one with asynchronous direct writes (see [`direct`]).
-//! Buffered writes to one file are serialized by its inode lock, so one
-//! thread copies buffered while other threads prepare the target ranges
-//! ahead of it. Falls back to `pread`/`pwrite` where `copy_file_range` is
-//! not supported (other file systems on old kernels, block devices), and
-//! to the buffered copier alone where direct I/O is not.
+//! for zero blocks with `pread` (probing large blocks), and the non-zero
+//! runs are written at their final offsets by two copiers that take jobs
+//! from one queue: one through the page cache with `copy_file_range` (one
+//! copy, inside the kernel, instead of `pread` + `pwrite`'s two), one with
+//! asynchronous direct writes that joins when buffered writes slow down
+//! (see [`direct`] and [`FAST`]). Buffered writes to one file are
+//! serialized by its inode lock, so one thread copies buffered while other
+//! threads prepare the target ranges ahead of it. Falls back to
+//! `pread`/`pwrite` where `copy_file_range` is not supported (other file
+//! systems on old kernels, block devices), and to the buffered copier
+//! alone where direct I/O is not.
 
 use std::fs::File;
 use std::mem::ManuallyDrop;
@@ -413,9 +415,8 @@ fn record(failed: &AtomicBool, err: &Failed, e: (u64, std::io::Error)) {
 /// target ranges (see [`Prep::prepare`]) and hand the jobs to two copiers,
 /// which take the next job whenever they are ready for one: one copies
 /// through the page cache ([`Buffered`]), the other writes directly
-/// ([`direct`]), so the disk works from the start and the page cache holds
-/// less dirty data (past the kernel's dirty limit, buffered writers are
-/// throttled to writeback speed). Buffered writes to one file are
+/// ([`direct`]) once the buffered copier has slowed down (see [`FAST`]),
+/// so that the disk adds its bandwidth. Buffered writes to one file are
 /// serialized by its inode lock, so more buffered copiers would only spin
 /// on it (measured: 4 copiers used 40% more CPU for the same wall time).
 /// Where direct I/O is not available the buffered copier does all. The
