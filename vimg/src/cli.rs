@@ -160,6 +160,9 @@ pub enum Cmd {
         /// Parallel requests, 1..16 (checked; vimg sizes its own threads).
         #[arg(short = 'm', allow_hyphen_values = true)]
         coroutines: Option<String>,
+        /// With -n: the target already reads as zeroes (zero blocks are not written).
+        #[arg(long = "target-is-zero")]
+        target_is_zero: bool,
         /// Source image and target file.
         #[arg(num_args = 2..)]
         files: Vec<String>,
@@ -364,6 +367,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             src_cache,
             out_of_order: _,
             coroutines,
+            target_is_zero,
             files,
         } => crate::convert::run(crate::convert::ConvertArgs {
             fmt,
@@ -379,6 +383,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             cache,
             src_cache,
             coroutines,
+            target_is_zero,
             files,
         })
         .map(|_| 0),

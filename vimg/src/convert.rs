@@ -31,6 +31,8 @@ pub struct ConvertArgs {
     pub src_cache: Option<String>,
     /// `-m`: QEMU's number of coroutines.
     pub coroutines: Option<String>,
+    /// `--target-is-zero`: the existing target (`-n`) reads as zeroes.
+    pub target_is_zero: bool,
     pub files: Vec<String>,
 }
 
@@ -79,6 +81,12 @@ pub fn run(a: ConvertArgs) -> R<()> {
             }
         }
     }
+    if a.no_create && !a.opts.is_empty() {
+        return Err(fail("-o has no effect when skipping image creation"));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(fail("--target-is-zero requires use of -n flag"));
+    }
     if a.files.len() < 2 {
         return Err(fail("Expecting one image file name"));
     }
@@ -119,6 +127,11 @@ pub fn run(a: ConvertArgs) -> R<()> {
         return Err(fail(format!(
             "{dst}: Backing file specified without backing format"
         )));
+    }
+    if a.target_is_zero && a.backing.is_some() {
+        return Err(fail(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+        ));
     }
     let mut sources: Vec<Vec<Layer>> = Vec::new();
     for s in srcs {
@@ -229,7 +242,9 @@ pub fn run(a: ConvertArgs) -> R<()> {
         }
         None => None,
     };
-    let fresh = !a.no_create;
+    // A target the user says reads as zeroes (--target-is-zero) is
+    // treated like a new one: zero blocks are not written.
+    let fresh = !a.no_create || a.target_is_zero;
     let mut last_pct = -1i64;
     if a.progress {
         progress(0.0);
