@@ -2043,3 +2043,35 @@ fn convert_onto_zeroed_target_like_qemu_img() {
     );
     assert_eq!((q.rc, v.rc), (0, 1));
 }
+
+#[test]
+fn convert_rate_limit_like_qemu_img() {
+    let Some(e) = Env::new() else { return };
+    let mut x = 0x9e37_79b9u64;
+    let src: Vec<u8> = (0..8 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(e.p().join("src.raw"), &src).unwrap();
+    // 8 MiB at 4 MiB/s: the first 2 MiB go at once, the rest is held to
+    // the rate: about 1.5 s (qemu-img: about 1.4 s).
+    for fmt in ["raw", "qcow2"] {
+        let t = format!("r.{fmt}");
+        let t0 = std::time::Instant::now();
+        let v = e.v(&["convert", "-r", "4M", "-f", "raw", "-O", fmt, "src.raw", &t]);
+        let took = t0.elapsed().as_secs_f64();
+        assert_eq!(v.rc, 0, "{}", v.stderr);
+        assert!((1.2..6.0).contains(&took), "-r 4M -O {fmt}: {took:.2} s");
+        let o = e.q(&["compare", "-f", "raw", "-F", fmt, "src.raw", &t]);
+        assert_eq!(o.rc, 0, "{}{}", o.stdout, o.stderr);
+    }
+    for r in ["x", "-1", "1.5x", "", "99999999999999999999999"] {
+        e.same(&[
+            "convert", "-r", r, "-f", "raw", "-O", "raw", "src.raw", "bad.raw",
+        ]);
+    }
+}

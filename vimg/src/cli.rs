@@ -163,6 +163,9 @@ pub enum Cmd {
         /// With -n: the target already reads as zeroes (zero blocks are not written).
         #[arg(long = "target-is-zero")]
         target_is_zero: bool,
+        /// Rate limit of the target writes, bytes per second (suffixes k, M, G, ...).
+        #[arg(short = 'r', allow_hyphen_values = true)]
+        rate_limit: Option<String>,
         /// Source image and target file.
         #[arg(num_args = 2..)]
         files: Vec<String>,
@@ -368,6 +371,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             out_of_order: _,
             coroutines,
             target_is_zero,
+            rate_limit,
             files,
         } => crate::convert::run(crate::convert::ConvertArgs {
             fmt,
@@ -384,6 +388,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             src_cache,
             coroutines,
             target_is_zero,
+            rate_limit,
             files,
         })
         .map(|_| 0),

@@ -3,7 +3,7 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, Failure, R};
-use crate::fastcopy::{file_runs, is_zero, nonzero_runs, runs, Pool, WINDOW};
+use crate::fastcopy::{file_runs, is_zero, nonzero_runs, runs, Pool, Throttle, WINDOW};
 use crate::map::{is_zero_range, open_chain, plain_extent, read_chain, status, Layer};
 use std::fs::File;
 use std::io::Write;
@@ -33,6 +33,8 @@ pub struct ConvertArgs {
     pub coroutines: Option<String>,
     /// `--target-is-zero`: the existing target (`-n`) reads as zeroes.
     pub target_is_zero: bool,
+    /// `-r`: rate limit of the target writes, bytes per second.
+    pub rate_limit: Option<String>,
     pub files: Vec<String>,
 }
 
@@ -81,6 +83,20 @@ pub fn run(a: ConvertArgs) -> R<()> {
             }
         }
     }
+    let rate = match a.rate_limit.as_deref() {
+        None => 0,
+        Some(r) => match vcore::units::parse_size(r, vcore::units::Suffix::B) {
+            Ok(v) if v <= i64::MAX as u64 => v,
+            Err(vcore::units::SizeError::Invalid { .. }) if !r.trim_start().starts_with('-') => {
+                return Err(fail(format!("Invalid rate limit specified: '{r}'.")));
+            }
+            _ => {
+                return Err(fail(
+                    "Invalid rate limit specified. Must be between 0 and 9223372036854775807.",
+                ))
+            }
+        },
+    };
     if a.no_create && !a.opts.is_empty() {
         return Err(fail("-o has no effect when skipping image creation"));
     }
@@ -179,7 +195,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
     // does; the sequential writer would map the data anew and leave the
     // preallocated clusters unused.
     if out_fmt == Format::Qcow2 && !a.no_create && !preallocated {
-        return convert_seq(&a, &mut sources, dst, total, sparse, cache);
+        return convert_seq(&a, &mut sources, dst, total, sparse, cache, rate);
     }
     if a.compress {
         return Err(fail(
@@ -204,6 +220,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
             total,
             a.progress,
             cache.direct,
+            rate,
         )?;
         if cache.flush {
             tfile.sync_all().map_err(|e| {
@@ -245,6 +262,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
     // A target the user says reads as zeroes (--target-is-zero) is
     // treated like a new one: zero blocks are not written.
     let fresh = !a.no_create || a.target_is_zero;
+    let mut throttle = Throttle::new(rate);
     let mut last_pct = -1i64;
     if a.progress {
         progress(0.0);
@@ -325,6 +343,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
             };
             for (start, end) in runs(n, blk, keep) {
                 let at = at0 + start as u64;
+                throttle.wait((end - start) as u64);
                 if !fresh && !have_backing && is_zero(&buf[start..end]) {
                     target
                         .write_zeroes(at, (end - start) as u64)
@@ -372,6 +391,7 @@ fn convert_seq(
     total: u64,
     sparse: u64,
     cache: Cache,
+    rate: u64,
 ) -> R<()> {
     use crate::compress::Compressor;
     use vcore::image::qcow2::writer::SeqWriter;
@@ -391,7 +411,8 @@ fn convert_seq(
             "Concatenating sources whose sizes are not multiples of the cluster size is not supported",
         ));
     }
-    let chunk = (8u64 << 20).max(cs);
+    // 2 MiB under a rate limit (qemu-img's request size), 8 MiB else.
+    let chunk = (if rate > 0 { 2u64 << 20 } else { 8 << 20 }).max(cs);
     let mut backing: Option<Vec<Layer>> = match &a.backing {
         Some(b) => {
             let bp = image::resolve_backing(Path::new(dst), b)
@@ -402,6 +423,7 @@ fn convert_seq(
         }
         None => None,
     };
+    let mut throttle = Throttle::new(rate);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -410,7 +432,7 @@ fn convert_seq(
         progress(0.0);
     }
     if !a.compress && backing.is_none() && sparse != 0 {
-        fast_qcow2(&mut w, sources, total, a.progress, cache.direct)
+        fast_qcow2(&mut w, sources, total, a.progress, cache.direct, rate)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
         w.finish(cache.flush)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
@@ -524,6 +546,7 @@ fn convert_seq(
                 }
                 let gc = first_cluster + i as u64;
                 if let Some(z) = &comp[i] {
+                    throttle.wait(z.len() as u64);
                     w.write_compressed(gc, z)
                         .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
                     i += 1;
@@ -535,6 +558,7 @@ fn convert_seq(
                 }
                 let a0 = start * cs as usize;
                 let a1 = (i * cs as usize).min(buf.len());
+                throttle.wait((a1 - a0) as u64);
                 w.write_clusters(gc, &buf[a0..a1])
                     .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
             }
@@ -648,6 +672,7 @@ fn fast_raw(
     total: u64,
     show: bool,
     direct: bool,
+    rate: u64,
 ) -> R<()> {
     let blk = sparse as usize;
     let mut prog = Progress {
@@ -657,7 +682,7 @@ fn fast_raw(
     };
     let mut buf: Vec<u8> = Vec::new();
     std::thread::scope(|sc| -> R<()> {
-        let pool = Pool::new(sc, dst, PREPARERS, direct);
+        let pool = Pool::new(sc, dst, PREPARERS, direct, rate);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -684,6 +709,7 @@ fn fast_raw(
                         read_chain(src, off, &mut buf).map_err(|f| read_err(off, f))?;
                         for (a, b) in nonzero_runs(&buf, blk) {
                             let at = base + off + a as u64;
+                            pool.throttle((b - a) as u64);
                             dst.write_all_at(&buf[a..b], at)
                                 .map_err(|e| write_err((at, e)))?;
                         }
@@ -710,6 +736,7 @@ fn fast_qcow2(
     total: u64,
     show: bool,
     direct: bool,
+    rate: u64,
 ) -> Result<(), String> {
     let cs = w.header().cluster_size();
     let out = w.file().try_clone().map_err(|e| e.to_string())?;
@@ -723,7 +750,7 @@ fn fast_qcow2(
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
     std::thread::scope(|sc| -> Result<(), String> {
-        let pool = Pool::new(sc, &out, PREPARERS, direct);
+        let pool = Pool::new(sc, &out, PREPARERS, direct, rate);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -759,6 +786,7 @@ fn fast_qcow2(
                 buf.fill(0);
                 read_chain(src, off, &mut buf[..n]).map_err(msg)?;
                 if !is_zero(&buf[..n]) {
+                    pool.throttle(n as u64);
                     w.write_cluster((base + off) / cs, &buf[..n])?;
                 }
                 off += cs;

@@ -395,6 +395,37 @@ impl Prep {
     }
 }
 
+/// qemu-img's `-r`: target writes of at most `rate` bytes per second on
+/// average (0: no limit). Each write waits until the bytes written before
+/// it are due, so the first one goes at once.
+pub struct Throttle {
+    rate: u64,
+    start: std::time::Instant,
+    sent: u64,
+}
+
+impl Throttle {
+    pub fn new(rate: u64) -> Throttle {
+        Throttle {
+            rate,
+            start: std::time::Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// Wait until `n` more bytes may be written.
+    pub fn wait(&mut self, n: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let due = std::time::Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        if let Some(rest) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        self.sent += n;
+    }
+}
+
 /// The first error of a pool: target offset and error.
 type Failed = Arc<Mutex<Option<(u64, std::io::Error)>>>;
 
@@ -423,6 +454,8 @@ fn record(failed: &AtomicBool, err: &Failed, e: (u64, std::io::Error)) {
 /// first error stops everything.
 pub struct Pool<'s> {
     tx: Option<SyncSender<Job>>,
+    /// `-r`: jobs are queued no faster than this allows.
+    throttle: std::cell::RefCell<Throttle>,
     dst: RawFd,
     /// Set when no more jobs come (wakes an idle direct copier).
     closing: Arc<AtomicBool>,
@@ -436,13 +469,24 @@ impl<'s> Pool<'s> {
     /// `scope`. `dst` must stay open until [`Pool::finish`].
     /// With `direct_only` (`-t none`), every job goes to the direct copier
     /// (where direct I/O is available).
+    /// Jobs are queued at most `rate` bytes per second (0: no limit).
     pub fn new<'e>(
         scope: &'s std::thread::Scope<'s, 'e>,
         dst: &File,
         preparers: usize,
         direct_only: bool,
+        rate: u64,
     ) -> Pool<'s> {
-        Pool::with_speed_limit(scope, dst, preparers, if direct_only { 0 } else { FAST })
+        let mut p =
+            Pool::with_speed_limit(scope, dst, preparers, if direct_only { 0 } else { FAST });
+        p.throttle = std::cell::RefCell::new(Throttle::new(rate));
+        p
+    }
+
+    /// Wait until `n` more bytes may be written to the target (a write
+    /// the caller does itself, under the same `-r` limit as the jobs).
+    pub fn throttle(&self, n: u64) {
+        self.throttle.borrow_mut().wait(n);
     }
 
     /// [`Pool::new`] with another buffered speed from which on the direct
@@ -551,6 +595,7 @@ impl<'s> Pool<'s> {
         }
         Pool {
             tx: Some(tx),
+            throttle: std::cell::RefCell::new(Throttle::new(0)),
             dst: dst.as_raw_fd(),
             closing,
             workers,
@@ -579,10 +624,18 @@ impl<'s> Pool<'s> {
         dst_off: u64,
         len: u64,
     ) -> Result<(), (u64, std::io::Error)> {
+        // Under a rate limit, jobs of 2 MiB (qemu-img's request size), so
+        // that the limit holds within a file too.
+        let step = if self.throttle.borrow().rate > 0 {
+            2 << 20
+        } else {
+            JOB_MAX
+        };
         let mut done = 0;
         while done < len {
             self.check()?;
-            let n = (len - done).min(JOB_MAX);
+            let n = (len - done).min(step);
+            self.throttle(n);
             let job = Job {
                 src: src.as_raw_fd(),
                 src_off: src_off + done,
