@@ -716,15 +716,7 @@ fn convert_compare_snapshot_amend_produce_valid_images() {
     // -12): a compressor using a larger window would produce clusters
     // qemu-img cannot read.
     let mut far = Vec::new();
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let block: Vec<u8> = (0..8192)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let block = random_bytes(8192, 0x2545_f491_4f6c_dd1d);
     for _ in 0..64 {
         far.extend_from_slice(&block);
         far.extend_from_slice(&[0x5a; 100]);
@@ -1884,6 +1876,19 @@ fn option_lists_match_qemu_img() {
     }
 }
 
+/// `n` pseudo-random bytes (xorshift64 from `seed`).
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Bytes of `file` in the page cache (util-linux `fincore`), if it runs.
 fn cached_bytes(file: &Path) -> Option<u64> {
     let o = Command::new("fincore")
@@ -1901,14 +1906,7 @@ fn cached_bytes(file: &Path) -> Option<u64> {
 fn convert_cache_modes_like_qemu_img() {
     let Some(e) = Env::new() else { return };
     // 40 MiB: random data with a zero stretch (several copier jobs).
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut src = vec![0u8; 40 << 20];
-    for b in src.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let mut src = random_bytes(40 << 20, 0x2545_f491_4f6c_dd1d);
     src[(9 << 20)..(12 << 20)].fill(0);
     std::fs::write(e.p().join("src.raw"), &src).unwrap();
     for (fmt, args) in [
@@ -2047,16 +2045,7 @@ fn convert_onto_zeroed_target_like_qemu_img() {
 #[test]
 fn convert_rate_limit_like_qemu_img() {
     let Some(e) = Env::new() else { return };
-    let mut x = 0x9e37_79b9u64;
-    let src: Vec<u8> = (0..8 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(e.p().join("src.raw"), &src).unwrap();
+    std::fs::write(e.p().join("src.raw"), random_bytes(8 << 20, 0x9e37_79b9)).unwrap();
     // 8 MiB at 4 MiB/s: the first 2 MiB go at once, the rest is held to
     // the rate: about 1.5 s (qemu-img: about 1.4 s).
     for fmt in ["raw", "qcow2"] {

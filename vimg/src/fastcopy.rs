@@ -614,16 +614,6 @@ impl<'s> Pool<'s> {
         dst_off: u64,
         len: u64,
     ) -> Result<(), (u64, std::io::Error)> {
-        self.queue(src, src_off, dst_off, len)
-    }
-
-    fn queue(
-        &self,
-        src: &File,
-        src_off: u64,
-        dst_off: u64,
-        len: u64,
-    ) -> Result<(), (u64, std::io::Error)> {
         // Under a rate limit, jobs of 2 MiB (qemu-img's request size), so
         // that the limit holds within a file too.
         let step = if self.throttle.borrow().rate > 0 {
