@@ -477,10 +477,8 @@ impl<'s> Pool<'s> {
         direct_only: bool,
         rate: u64,
     ) -> Pool<'s> {
-        let mut p =
-            Pool::with_speed_limit(scope, dst, preparers, if direct_only { 0 } else { FAST });
-        p.throttle = std::cell::RefCell::new(Throttle::new(rate));
-        p
+        let fast = if direct_only { 0 } else { FAST };
+        Pool::with_speed_limit(scope, dst, preparers, fast, rate)
     }
 
     /// Wait until `n` more bytes may be written to the target (a write
@@ -497,6 +495,7 @@ impl<'s> Pool<'s> {
         dst: &File,
         preparers: usize,
         fast: u64,
+        rate: u64,
     ) -> Pool<'s> {
         let preparers = preparers.max(1);
         let dio = direct::Direct::open(dst.as_raw_fd());
@@ -595,7 +594,7 @@ impl<'s> Pool<'s> {
         }
         Pool {
             tx: Some(tx),
-            throttle: std::cell::RefCell::new(Throttle::new(0)),
+            throttle: std::cell::RefCell::new(Throttle::new(rate)),
             dst: dst.as_raw_fd(),
             closing,
             workers,
@@ -813,7 +812,7 @@ mod tests {
                     dst.set_len(data.len() as u64).unwrap();
                 }
                 std::thread::scope(|sc| {
-                    let pool = Pool::with_speed_limit(sc, &dst, 2, fast);
+                    let pool = Pool::with_speed_limit(sc, &dst, 2, fast, 0);
                     let cut = (7 << 20) + 4096;
                     pool.copy(&src, 0, 0, cut).unwrap();
                     pool.copy(&src, cut, cut, data.len() as u64 - cut).unwrap();
