@@ -196,7 +196,10 @@ fn daemonized_guest_with_monitors_thread_map_and_affinity() {
     let mut line = String::new();
     let mut ask = |w: &mut UnixStream, msg: &str| -> serde_json::Value {
         if !msg.is_empty() {
-            writeln!(w, "{msg}").unwrap();
+            // One write: the server parses a JSON object as soon as its
+            // closing brace arrives, and after `quit` it closes, so a
+            // separate newline could meet a closed socket (EPIPE).
+            w.write_all(format!("{msg}\n").as_bytes()).unwrap();
         }
         line.clear();
         rd.read_line(&mut line).unwrap();
