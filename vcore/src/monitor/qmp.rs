@@ -138,7 +138,7 @@ pub fn serve<S: std::io::Read + Write + TryCloneStream>(conn: S, ctx: &MonitorCt
     let Ok(mut out) = conn.try_clone_stream() else {
         return false;
     };
-    if writeln!(out, "{}", greeting(ctx)).is_err() {
+    if send(&mut out, &greeting(ctx)).is_err() {
         return false;
     }
     let mut negotiated = false;
@@ -149,15 +149,14 @@ pub fn serve<S: std::io::Read + Write + TryCloneStream>(conn: S, ctx: &MonitorCt
             Ok(v) => handle_value(ctx, v, &mut negotiated),
             Err(e) if e.is_io() || e.is_eof() => return false,
             Err(e) => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    error("GenericError", format!("JSON parse error, {e}"))
+                let _ = send(
+                    &mut out,
+                    &error("GenericError", format!("JSON parse error, {e}")),
                 );
                 return false;
             }
         };
-        if writeln!(out, "{reply}").is_err() {
+        if send(&mut out, &reply).is_err() {
             return false;
         }
         if quit {
@@ -165,6 +164,12 @@ pub fn serve<S: std::io::Read + Write + TryCloneStream>(conn: S, ctx: &MonitorCt
         }
     }
     false
+}
+
+/// Write one message and its newline in a single write: formatting a
+/// `Value` straight into an unbuffered socket sends every token on its own.
+fn send(out: &mut impl Write, msg: &Value) -> std::io::Result<()> {
+    out.write_all(format!("{msg}\n").as_bytes())
 }
 
 /// Streams that can be split into a reader and a writer.
