@@ -213,15 +213,13 @@ pub fn run(a: ConvertArgs) -> R<()> {
         if a.progress {
             progress(0.0);
         }
-        fast_raw(
-            &mut sources,
-            &tfile,
-            sparse,
-            total,
-            a.progress,
-            cache.direct,
+        let fast = Fast {
+            progress: a.progress,
+            direct: cache.direct,
             rate,
-        )?;
+            map: !a.force_share,
+        };
+        fast_raw(&mut sources, &tfile, sparse, total, &fast)?;
         if cache.flush {
             tfile.sync_all().map_err(|e| {
                 fail(format!(
@@ -432,7 +430,13 @@ fn convert_seq(
         progress(0.0);
     }
     if !a.compress && backing.is_none() && sparse != 0 {
-        fast_qcow2(&mut w, sources, total, a.progress, cache.direct, rate)
+        let fast = Fast {
+            progress: a.progress,
+            direct: cache.direct,
+            rate,
+            map: !a.force_share,
+        };
+        fast_qcow2(&mut w, sources, total, &fast)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
         w.finish(cache.flush)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
@@ -661,28 +665,33 @@ fn write_err((at, e): (u64, std::io::Error)) -> Failure {
     ))
 }
 
+/// How the fast paths copy.
+struct Fast {
+    /// `-p`.
+    progress: bool,
+    /// `-t none|directsync`: every aligned job is written directly.
+    direct: bool,
+    /// `-r`, bytes per second (0: no limit).
+    rate: u64,
+    /// The sources are locked against writers (no `-U`): data extents
+    /// are scanned through a mapping (see [`file_runs`]).
+    map: bool,
+}
+
 /// Convert into a fresh raw file (sparse, no backing): zero extents are
 /// skipped, data extents scanned here for zero blocks of `sparse` bytes
-/// (with `pread`) and their non-zero runs copied by the copier threads;
+/// (see [`file_runs`]) and their non-zero runs copied by the copier threads;
 /// anything else (compressed clusters) is read, scanned and written here.
-fn fast_raw(
-    sources: &mut [Vec<Layer>],
-    dst: &File,
-    sparse: u64,
-    total: u64,
-    show: bool,
-    direct: bool,
-    rate: u64,
-) -> R<()> {
+fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, fast: &Fast) -> R<()> {
     let blk = sparse as usize;
     let mut prog = Progress {
-        on: show,
+        on: fast.progress,
         total,
         last: -1,
     };
     let mut buf: Vec<u8> = Vec::new();
     std::thread::scope(|sc| -> R<()> {
-        let pool = Pool::new(sc, dst, PREPARERS, direct, rate);
+        let pool = Pool::new(sc, dst, PREPARERS, fast.direct, fast.rate);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -693,7 +702,7 @@ fn fast_raw(
                 let mut n = e.length.clamp(1, max);
                 if !e.zero {
                     if let Some((f, h)) = plain_extent(src, &e) {
-                        let found = file_runs(f, h, n, blk, &mut buf).map_err(|e| {
+                        let found = file_runs(f, h, n, blk, fast.map, &mut buf).map_err(|e| {
                             fail(format!(
                                 "error while reading at byte {off}: {}",
                                 vcore::image::qcow2::os_msg(&e)
@@ -726,7 +735,7 @@ fn fast_raw(
 
 /// Convert into a fresh qcow2 image (uncompressed, sparse, no backing):
 /// whole target clusters inside one plain data extent of the source are
-/// scanned for zero clusters through a mapping, the non-zero runs get
+/// scanned for zero clusters (see [`file_runs`]), the non-zero runs get
 /// consecutive host clusters and are copied file to file by worker
 /// threads; zero extents are skipped; clusters that straddle extents or
 /// hold compressed data are read and written here.
@@ -734,14 +743,12 @@ fn fast_qcow2(
     w: &mut vcore::image::qcow2::writer::SeqWriter,
     sources: &mut [Vec<Layer>],
     total: u64,
-    show: bool,
-    direct: bool,
-    rate: u64,
+    fast: &Fast,
 ) -> Result<(), String> {
     let cs = w.header().cluster_size();
     let out = w.file().try_clone().map_err(|e| e.to_string())?;
     let mut prog = Progress {
-        on: show,
+        on: fast.progress,
         total,
         last: -1,
     };
@@ -750,7 +757,7 @@ fn fast_qcow2(
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
     std::thread::scope(|sc| -> Result<(), String> {
-        let pool = Pool::new(sc, &out, PREPARERS, direct, rate);
+        let pool = Pool::new(sc, &out, PREPARERS, fast.direct, fast.rate);
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
@@ -768,7 +775,7 @@ fn fast_qcow2(
                 if whole > 0 {
                     if let Some((f, h)) = plain_extent(src, &e) {
                         let gc0 = (base + off) / cs;
-                        let found = file_runs(f, h, whole, cs as usize, &mut probe)
+                        let found = file_runs(f, h, whole, cs as usize, fast.map, &mut probe)
                             .map_err(|e| vcore::image::qcow2::os_msg(&e))?;
                         for (a, b) in found {
                             let n = ((b - a) as u64).div_ceil(cs);
