@@ -1693,7 +1693,8 @@ fn alloc_map(e: &Env, img: &str) -> String {
 }
 
 /// convert's file-to-file fast path (data extents copied with
-/// copy_file_range, zero blocks found through a mapping) leaves the same
+/// copy_file_range and direct writes, zero blocks found through a mapping,
+/// or with pread under -U) leaves the same
 /// allocation as qemu-img: zero data blocks become holes (raw) or
 /// unallocated clusters (qcow2), partial clusters at extent edges and at
 /// the end are kept; compare finds the same first mismatch in mapped data.
@@ -1760,6 +1761,10 @@ fn convert_fast_path_allocation_and_compare_match_qemu_img() {
             &["-O", "raw", "-S", "64k"],
             &["-O", "qcow2"],
             &["-O", "qcow2", "-o", "cluster_size=4k"],
+            // -U: the sources are not locked, so they are read with pread
+            // instead of being mapped.
+            &["-U", "-O", "raw"],
+            &["-U", "-O", "qcow2"],
         ]
         .iter()
         .enumerate()
