@@ -3,12 +3,13 @@
 //! default (`-S`), with progress (`-p`).
 
 use crate::common::{fail, parse_opts, Failure, R};
-use crate::fastcopy::{file_runs, is_zero, nonzero_runs, runs, Pool, Throttle, WINDOW};
+use crate::fastcopy::{file_runs, is_zero, nonzero_runs, runs, Mapped, Pool, Throttle, WINDOW};
 use crate::map::{is_zero_range, open_chain, plain_extent, read_chain, status, Layer};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use vcore::image::qcow2::Qcow2Device;
 use vcore::image::raw::RawDevice;
 use vcore::image::{self, BlockDevice, Format, OpenOptions};
@@ -446,13 +447,16 @@ fn convert_seq(
         return Ok(());
     }
     let mut last_pct = -1i64;
-    // Reader thread: (guest offset, data, backing data).
-    let (tx, rx) = std::sync::mpsc::sync_channel::<R<(u64, Vec<u8>, Option<Vec<u8>>)>>(2);
+    // Reader thread: (sequence number, guest offset, data, backing data).
+    type Chunk = (u64, u64, Data, Option<Vec<u8>>);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<R<Chunk>>(threads + 1);
+    let map = !a.force_share;
     let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|sc| -> R<()> {
         let backing = &mut backing;
         sc.spawn(move || {
             let mut base = 0u64;
+            let mut seq = 0u64;
             for src in sources.iter_mut() {
                 let size = src[0].size();
                 let mut off = 0u64;
@@ -466,17 +470,23 @@ fn convert_seq(
                         off += n as u64;
                         continue;
                     }
-                    let mut buf = pool_rx.try_recv().unwrap_or_default();
-                    buf.clear();
-                    buf.resize(n.next_multiple_of(cs as usize), 0);
-                    if let Err(e) = read_chain(src, off, &mut buf[..n]) {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
+                    let data = match mapped(src, off, n as u64, cs, map) {
+                        Some(m) => Data::Map(m),
+                        None => {
+                            let mut buf = pool_rx.try_recv().unwrap_or_default();
+                            buf.clear();
+                            buf.resize(n.next_multiple_of(cs as usize), 0);
+                            if let Err(e) = read_chain(src, off, &mut buf[..n]) {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                            Data::Buf(buf)
+                        }
+                    };
                     let bb = match backing.as_mut() {
                         Some(bl) => {
                             let bsize = bl[0].size();
-                            let mut bb = vec![0u8; buf.len()];
+                            let mut bb = vec![0u8; n.next_multiple_of(cs as usize)];
                             let g = base + off;
                             if g < bsize {
                                 let bn = ((bsize - g) as usize).min(n);
@@ -489,93 +499,88 @@ fn convert_seq(
                         }
                         None => None,
                     };
-                    if tx.send(Ok((base + off, buf, bb))).is_err() {
+                    if tx.send(Ok((seq, base + off, data, bb))).is_err() {
                         return;
                     }
+                    seq += 1;
                     off += n as u64;
                 }
                 base += size;
             }
         });
-        for item in rx {
-            let (goff, buf, bb) = item?;
-            let first_cluster = goff / cs;
-            let clusters: Vec<&[u8]> = buf.chunks(cs as usize).collect();
-            let keep: Vec<bool> = clusters
-                .iter()
-                .enumerate()
-                .map(|(i, c)| match &bb {
-                    Some(b) => {
-                        let s = i * cs as usize;
-                        **c != b[s..s + c.len()]
+        // Workers (one per CPU with -c, each with its own compressor):
+        // which clusters to write, and their compressed form. The results
+        // are written here, in order.
+        let workers = if a.compress { threads } else { 1 };
+        let rx = Arc::new(Mutex::new(rx));
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<R<Prepared>>(workers * 2);
+        for _ in 0..workers {
+            let (rx, done_tx) = (rx.clone(), done_tx.clone());
+            let compress = a.compress;
+            sc.spawn(move || {
+                let mut z = compress.then(|| Compressor::new(ctype));
+                loop {
+                    let Ok(item) = rx.lock().map(|r| r.recv()) else {
+                        return;
+                    };
+                    let Ok(item) = item else { return };
+                    let out = item.map(|(seq, goff, data, bb)| {
+                        prepare(seq, goff, data, bb.as_deref(), cs, sparse, z.as_mut())
+                    });
+                    if done_tx.send(out).is_err() {
+                        return;
                     }
-                    None => sparse == 0 || !is_zero(c),
-                })
-                .collect();
-            let comp: Vec<Option<Vec<u8>>> = if a.compress {
-                let per = clusters.len().div_ceil(threads);
-                let mut out = vec![None; clusters.len()];
-                std::thread::scope(|s2| {
-                    let hs: Vec<_> = clusters
-                        .chunks(per.max(1))
-                        .zip(keep.chunks(per.max(1)))
-                        .map(|(cl, kp)| {
-                            s2.spawn(move || {
-                                let mut z = Compressor::new(ctype);
-                                cl.iter()
-                                    .zip(kp)
-                                    .map(|(c, k)| if *k { z.compress(c) } else { None })
-                                    .collect::<Vec<_>>()
-                            })
-                        })
-                        .collect();
-                    let mut i = 0;
-                    for h in hs {
-                        for r in h.join().unwrap_or_default() {
-                            out[i] = r;
-                            i += 1;
-                        }
-                    }
-                });
-                out
-            } else {
-                vec![None; clusters.len()]
-            };
-            // Runs of plain clusters go out in one write each.
-            let mut i = 0usize;
-            while i < clusters.len() {
-                if !keep[i] {
-                    i += 1;
-                    continue;
                 }
-                let gc = first_cluster + i as u64;
-                if let Some(z) = &comp[i] {
-                    throttle.wait(z.len() as u64);
-                    w.write_compressed(gc, z)
+            });
+        }
+        drop(done_tx);
+        drop(rx);
+        let mut pending = std::collections::BTreeMap::new();
+        let mut next = 0u64;
+        for p in done_rx {
+            let p = p?;
+            pending.insert(p.seq, p);
+            while let Some(p) = pending.remove(&next) {
+                next += 1;
+                let buf = p.data.bytes();
+                let first_cluster = p.goff / cs;
+                // Runs of plain clusters go out in one write each.
+                let mut i = 0usize;
+                while i < p.keep.len() {
+                    if !p.keep[i] {
+                        i += 1;
+                        continue;
+                    }
+                    let gc = first_cluster + i as u64;
+                    if let Some(z) = &p.comp[i] {
+                        throttle.wait(z.len() as u64);
+                        w.write_compressed(gc, z)
+                            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+                        i += 1;
+                        continue;
+                    }
+                    let start = i;
+                    while i < p.keep.len() && p.keep[i] && p.comp[i].is_none() {
+                        i += 1;
+                    }
+                    let a0 = start * cs as usize;
+                    let a1 = (i * cs as usize).min(buf.len());
+                    throttle.wait((a1 - a0) as u64);
+                    w.write_clusters(gc, &buf[a0..a1])
                         .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-                    i += 1;
-                    continue;
                 }
-                let start = i;
-                while i < clusters.len() && keep[i] && comp[i].is_none() {
-                    i += 1;
+                if a.progress && total > 0 {
+                    let done = (p.goff + buf.len() as u64).min(total);
+                    let pct = (done * 100 / total) as i64;
+                    if pct != last_pct {
+                        last_pct = pct;
+                        progress(done as f64 * 100.0 / total as f64);
+                    }
                 }
-                let a0 = start * cs as usize;
-                let a1 = (i * cs as usize).min(buf.len());
-                throttle.wait((a1 - a0) as u64);
-                w.write_clusters(gc, &buf[a0..a1])
-                    .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-            }
-            if a.progress && total > 0 {
-                let done = (goff + buf.len() as u64).min(total);
-                let pct = (done * 100 / total) as i64;
-                if pct != last_pct {
-                    last_pct = pct;
-                    progress(done as f64 * 100.0 / total as f64);
+                if let Data::Buf(b) = p.data {
+                    let _ = pool_tx.send(b);
                 }
             }
-            drop(clusters);
-            let _ = pool_tx.send(buf);
         }
         Ok(())
     })?;
@@ -585,6 +590,91 @@ fn convert_seq(
         println!("    (100.00/100%)");
     }
     Ok(())
+}
+
+/// A chunk of the generic path, ready to be written: which of its clusters
+/// to write (`keep`) and their compressed form, if compressed.
+struct Prepared {
+    seq: u64,
+    goff: u64,
+    data: Data,
+    keep: Vec<bool>,
+    comp: Vec<Option<Vec<u8>>>,
+}
+
+/// Decide a chunk's clusters: with a backing file, those that differ from
+/// it (`bb`); else the non-zero ones (all with `-S 0`); compressed with
+/// `z` (`-c`).
+fn prepare(
+    seq: u64,
+    goff: u64,
+    data: Data,
+    bb: Option<&[u8]>,
+    cs: u64,
+    sparse: u64,
+    mut z: Option<&mut crate::compress::Compressor>,
+) -> Prepared {
+    let cs = cs as usize;
+    let clusters: Vec<&[u8]> = data.bytes().chunks(cs).collect();
+    let keep: Vec<bool> = clusters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match bb {
+            Some(b) => **c != b[i * cs..i * cs + c.len()],
+            None => sparse == 0 || !is_zero(c),
+        })
+        .collect();
+    let comp = clusters
+        .iter()
+        .zip(&keep)
+        .map(|(c, &k)| match z.as_mut() {
+            Some(z) if k => z.compress(c),
+            _ => None,
+        })
+        .collect();
+    drop(clusters);
+    Prepared {
+        seq,
+        goff,
+        data,
+        keep,
+        comp,
+    }
+}
+
+/// Source data of the generic path: read into a buffer (whole clusters,
+/// zero-padded), or mapped.
+enum Data {
+    Buf(Vec<u8>),
+    Map(Mapped),
+}
+
+impl Data {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Buf(b) => b,
+            Data::Map(m) => m.bytes(),
+        }
+    }
+}
+
+/// `[off, off + n)` of `src` mapped, when it is whole clusters of `cs`
+/// bytes inside one plain data extent and `map` allows it (sources locked
+/// against writers, see [`file_runs`]): compressing straight from the
+/// mapping saves reading the data into a buffer, a third of the CPU time
+/// of `convert -c` with zstd.
+fn mapped(src: &mut [Layer], off: u64, n: u64, cs: u64, map: bool) -> Option<Mapped> {
+    if !map || n % cs != 0 {
+        return None;
+    }
+    let e = status(src, off, n).ok()?;
+    if e.length < n {
+        return None;
+    }
+    let (f, h) = plain_extent(src, &e)?;
+    let m = Mapped::new(f, h, n).filter(|m| m.bytes().len() as u64 == n)?;
+    m.advise(libc::MADV_WILLNEED);
+    Some(m)
 }
 
 /// A failure to create the target, worded as qemu-img's convert words it:
