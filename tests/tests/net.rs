@@ -596,13 +596,18 @@ fn bridge_tap_nat_and_user_modes_with_real_guests() {
             .contains("VMRUN-INIT: done")
     };
     let mut guests = [a, b, c];
+    // A deadline, so that a guest that never gets its address (its DHCP
+    // timed out, say, on a host too loaded for the emulated kernel) fails
+    // the checks below instead of holding the test forever.
+    let t0 = Instant::now();
     loop {
         let all = if hw {
             guests.iter().all(init_done)
         } else {
             logged(&out_log, 6666) && logged(&out_log, 6667) && logged(&user_log, 6668)
         };
-        if all || !guests.iter_mut().all(Guest::running) {
+        if all || !guests.iter_mut().all(Guest::running) || t0.elapsed() > Duration::from_secs(900)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -1694,7 +1694,7 @@ fn alloc_map(e: &Env, img: &str) -> String {
 
 /// convert's file-to-file fast path (data extents copied with
 /// copy_file_range and direct writes, zero blocks found through a mapping,
-/// or with pread under -U) leaves the same
+/// or with pread under -U, or copied whole with -C) leaves the same
 /// allocation as qemu-img: zero data blocks become holes (raw) or
 /// unallocated clusters (qcow2), partial clusters at extent edges and at
 /// the end are kept; compare finds the same first mismatch in mapped data.
@@ -1765,6 +1765,9 @@ fn convert_fast_path_allocation_and_compare_match_qemu_img() {
             // instead of being mapped.
             &["-U", "-O", "raw"],
             &["-U", "-O", "qcow2"],
+            // -C: data extents copied whole, zero blocks in them included.
+            &["-C", "-O", "raw"],
+            &["-C", "-O", "qcow2"],
         ]
         .iter()
         .enumerate()
@@ -1789,6 +1792,9 @@ fn convert_fast_path_allocation_and_compare_match_qemu_img() {
             );
         }
     }
+    // -C refused with -c and -S, with qemu-img's messages.
+    e.same(&["convert", "-C", "-c", "-O", "qcow2", "z.raw", "e.qcow2"]);
+    e.same(&["convert", "-C", "-S", "4k", "-O", "raw", "z.raw", "e.raw"]);
     // compare through mappings: first mismatch in data, data against
     // zeroes, past a hole.
     std::fs::copy(e.p().join("z.raw"), e.p().join("y.raw")).unwrap();

@@ -166,6 +166,10 @@ pub enum Cmd {
         /// Rate limit of the target writes, bytes per second (suffixes k, M, G, ...).
         #[arg(short = 'r', allow_hyphen_values = true)]
         rate_limit: Option<String>,
+        /// Copy offloading: data extents are copied whole (copy_file_range),
+        /// without zero detection; not with -c or -S.
+        #[arg(short = 'C')]
+        copy_range: bool,
         /// Source image and target file.
         #[arg(num_args = 2..)]
         files: Vec<String>,
@@ -372,6 +376,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             coroutines,
             target_is_zero,
             rate_limit,
+            copy_range,
             files,
         } => crate::convert::run(crate::convert::ConvertArgs {
             fmt,
@@ -389,6 +394,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             coroutines,
             target_is_zero,
             rate_limit,
+            copy_range,
             files,
         })
         .map(|_| 0),

@@ -36,6 +36,8 @@ pub struct ConvertArgs {
     pub target_is_zero: bool,
     /// `-r`: rate limit of the target writes, bytes per second.
     pub rate_limit: Option<String>,
+    /// `-C`: copy offloading (data extents copied whole, no zero scan).
+    pub copy_range: bool,
     pub files: Vec<String>,
 }
 
@@ -98,6 +100,12 @@ pub fn run(a: ConvertArgs) -> R<()> {
             }
         },
     };
+    if a.compress && a.copy_range {
+        return Err(fail("Cannot enable copy offloading when -c is used"));
+    }
+    if a.sparse.is_some() && a.copy_range {
+        return Err(fail("Cannot enable copy offloading when -S is used"));
+    }
     if a.no_create && !a.opts.is_empty() {
         return Err(fail("-o has no effect when skipping image creation"));
     }
@@ -219,6 +227,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
             direct: cache.direct,
             rate,
             map: !a.force_share,
+            scan: !a.copy_range,
         };
         fast_raw(&mut sources, &tfile, sparse, total, &fast)?;
         if cache.flush {
@@ -337,7 +346,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
             let keep = |i: usize, e: usize| -> bool {
                 match &bbuf {
                     Some(b) => buf[i..e] != b[i..e],
-                    None => sparse == 0 || !fresh || !is_zero(&buf[i..e]),
+                    None => sparse == 0 || !fresh || a.copy_range || !is_zero(&buf[i..e]),
                 }
             };
             for (start, end) in runs(n, blk, keep) {
@@ -436,6 +445,7 @@ fn convert_seq(
             direct: cache.direct,
             rate,
             map: !a.force_share,
+            scan: !a.copy_range,
         };
         fast_qcow2(&mut w, sources, total, &fast)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
@@ -766,6 +776,26 @@ struct Fast {
     /// The sources are locked against writers (no `-U`): data extents
     /// are scanned through a mapping (see [`file_runs`]).
     map: bool,
+    /// Zero blocks inside plain data extents are looked for (not with
+    /// `-C`, which copies them whole as qemu-img's copy offloading does).
+    scan: bool,
+}
+
+/// The runs of a plain data extent to copy: its non-zero blocks (see
+/// [`file_runs`]), or with `-C` all of it (up to the file's end).
+fn data_runs(
+    f: &File,
+    off: u64,
+    len: u64,
+    blk: usize,
+    fast: &Fast,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Vec<(usize, usize)>> {
+    if fast.scan {
+        return file_runs(f, off, len, blk, fast.map, buf);
+    }
+    let n = len.min(f.metadata()?.len().saturating_sub(off)) as usize;
+    Ok(if n > 0 { vec![(0, n)] } else { Vec::new() })
 }
 
 /// Convert into a fresh raw file (sparse, no backing): zero extents are
@@ -792,7 +822,7 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, fas
                 let mut n = e.length.clamp(1, max);
                 if !e.zero {
                     if let Some((f, h)) = plain_extent(src, &e) {
-                        let found = file_runs(f, h, n, blk, fast.map, &mut buf).map_err(|e| {
+                        let found = data_runs(f, h, n, blk, fast, &mut buf).map_err(|e| {
                             fail(format!(
                                 "error while reading at byte {off}: {}",
                                 vcore::image::qcow2::os_msg(&e)
@@ -865,7 +895,7 @@ fn fast_qcow2(
                 if whole > 0 {
                     if let Some((f, h)) = plain_extent(src, &e) {
                         let gc0 = (base + off) / cs;
-                        let found = file_runs(f, h, whole, cs as usize, fast.map, &mut probe)
+                        let found = data_runs(f, h, whole, cs as usize, fast, &mut probe)
                             .map_err(|e| vcore::image::qcow2::os_msg(&e))?;
                         for (a, b) in found {
                             let n = ((b - a) as u64).div_ceil(cs);
@@ -882,7 +912,11 @@ fn fast_qcow2(
                 let n = (size - off).min(cs) as usize;
                 buf.fill(0);
                 read_chain(src, off, &mut buf[..n]).map_err(msg)?;
-                if !is_zero(&buf[..n]) {
+                // With -C, a cluster holding data is copied even if it
+                // reads as zeroes.
+                let data = !is_zero(&buf[..n])
+                    || (!fast.scan && !matches!(is_zero_range(src, off, n as u64), Ok(true)));
+                if data {
                     pool.throttle(n as u64);
                     w.write_cluster((base + off) / cs, &buf[..n])?;
                 }
