@@ -222,13 +222,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
         if a.progress {
             progress(0.0);
         }
-        let fast = Fast {
-            progress: a.progress,
-            direct: cache.direct,
-            rate,
-            map: !a.force_share,
-            scan: !a.copy_range,
-        };
+        let fast = Fast::new(&a, cache, rate);
         fast_raw(&mut sources, &tfile, sparse, total, &fast)?;
         if cache.flush {
             tfile.sync_all().map_err(|e| {
@@ -440,13 +434,7 @@ fn convert_seq(
         progress(0.0);
     }
     if !a.compress && backing.is_none() && sparse != 0 {
-        let fast = Fast {
-            progress: a.progress,
-            direct: cache.direct,
-            rate,
-            map: !a.force_share,
-            scan: !a.copy_range,
-        };
+        let fast = Fast::new(a, cache, rate);
         fast_qcow2(&mut w, sources, total, &fast)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
         w.finish(cache.flush)
@@ -779,6 +767,18 @@ struct Fast {
     /// Zero blocks inside plain data extents are looked for (not with
     /// `-C`, which copies them whole as qemu-img's copy offloading does).
     scan: bool,
+}
+
+impl Fast {
+    fn new(a: &ConvertArgs, cache: Cache, rate: u64) -> Fast {
+        Fast {
+            progress: a.progress,
+            direct: cache.direct,
+            rate,
+            map: !a.force_share,
+            scan: !a.copy_range,
+        }
+    }
 }
 
 /// The runs of a plain data extent to copy: its non-zero blocks (see
