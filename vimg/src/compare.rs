@@ -119,7 +119,7 @@ pub fn run(
         // copy); anything else is read into a buffer.
         let map = |e: &Entry, l: &[Layer], n: u64| -> Option<Mapped> {
             let (f, h) = plain_extent(l, e)?;
-            Mapped::new(f, h + (off - e.start), n).filter(|m| m.bytes().len() as u64 == n)
+            Mapped::whole(f, h + (off - e.start), n)
         };
         let (ma, mb) = (map(xa, &a, n), map(xb, &b, n));
         let need_a = !xa.zero && ma.is_none();

@@ -670,7 +670,7 @@ fn mapped(src: &mut [Layer], off: u64, n: u64, cs: u64, map: bool) -> Option<Map
         return None;
     }
     let (f, h) = plain_extent(src, &e)?;
-    let m = Mapped::new(f, h, n).filter(|m| m.bytes().len() as u64 == n)?;
+    let m = Mapped::whole(f, h, n)?;
     m.advise(libc::MADV_WILLNEED);
     Some(m)
 }

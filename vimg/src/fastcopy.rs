@@ -237,6 +237,12 @@ impl Mapped {
         })
     }
 
+    /// [`Mapped::new`], but only if all of `[off, off + len)` lies inside
+    /// the file.
+    pub fn whole(f: &File, off: u64, len: u64) -> Option<Mapped> {
+        Mapped::new(f, off, len).filter(|m| m.bytes().len() as u64 == len)
+    }
+
     /// Tell the kernel how the mapping will be used (`madvise` advice; a
     /// hint only, errors are ignored).
     pub fn advise(&self, advice: libc::c_int) {

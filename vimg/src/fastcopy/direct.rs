@@ -191,9 +191,8 @@ impl Direct {
         // that is gone fails the write, which is then finished buffered).
         // Else the source is read into the buffer first.
         let map = (j.src_off % self.align == 0)
-            .then(|| super::Mapped::new(&borrow(j.src), j.src_off, j.len))
-            .flatten()
-            .filter(|m| m.bytes().len() == n);
+            .then(|| super::Mapped::whole(&borrow(j.src), j.src_off, j.len))
+            .flatten();
         let data = match &map {
             Some(m) => m.bytes().as_ptr(),
             None => {
