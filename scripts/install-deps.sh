@@ -2,7 +2,7 @@
 # Install what building, the test guest and the tests need on Debian 12.
 # Idempotent: a second run only checks. Run as root (or with sudo).
 set -euo pipefail
-pkgs=(linux-source-6.1 busybox-static bc flex bison libelf-dev cpio xz-utils gcc make
+pkgs=(linux-source-6.1 busybox-static bc flex bison libelf-dev cpio xz-utils gcc make zlib1g-dev pkg-config
       binutils e2fsprogs util-linux fdisk dosfstools mtools procps iproute2 qemu-system-x86 python3 dnsmasq-base passt nftables tcpdump)
 missing=()
 for p in "${pkgs[@]}"; do
