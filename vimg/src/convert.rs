@@ -7,6 +7,7 @@ use crate::fastcopy::{file_runs, is_zero, nonzero_runs, runs, Mapped, Pool, Thro
 use crate::map::{is_zero_range, open_chain, plain_extent, read_chain, status, Layer};
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -433,9 +434,10 @@ fn convert_seq(
     if a.progress {
         progress(0.0);
     }
-    if !a.compress && backing.is_none() && sparse != 0 {
+    if !a.compress && backing.is_none() {
         let fast = Fast::new(a, cache, rate);
-        fast_qcow2(&mut w, sources, total, &fast)
+        w.set_copy_range(a.copy_range);
+        fast_qcow2(&mut w, sources, total, sparse, &fast)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
         w.finish(cache.flush)
             .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
@@ -550,22 +552,27 @@ fn convert_seq(
                         continue;
                     }
                     let gc = first_cluster + i as u64;
+                    let werr = |m: String| fail(format!("error while writing to {dst}: {m}"));
                     if let Some(z) = &p.comp[i] {
                         throttle.wait(z.len() as u64);
-                        w.write_compressed(gc, z)
-                            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+                        w.write_compressed(gc, z).map_err(werr)?;
                         i += 1;
                         continue;
                     }
+                    // With -c, a cluster that does not compress is its own
+                    // request (up to the image's end), as in qemu-img.
                     let start = i;
-                    while i < p.keep.len() && p.keep[i] && p.comp[i].is_none() {
+                    i += 1;
+                    while !a.compress && i < p.keep.len() && p.keep[i] && p.comp[i].is_none() {
                         i += 1;
                     }
                     let a0 = start * cs as usize;
-                    let a1 = (i * cs as usize).min(buf.len());
+                    let mut a1 = (i * cs as usize).min(buf.len());
+                    if a.compress {
+                        a1 = a1.min((total - gc * cs) as usize + a0);
+                    }
                     throttle.wait((a1 - a0) as u64);
-                    w.write_clusters(gc, &buf[a0..a1])
-                        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+                    w.write(gc * cs, &buf[a0..a1]).map_err(werr)?;
                 }
                 if a.progress && total > 0 {
                     let done = (p.goff + buf.len() as u64).min(total);
@@ -853,78 +860,314 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, fas
     })
 }
 
-/// Convert into a fresh qcow2 image (uncompressed, sparse, no backing):
-/// whole target clusters inside one plain data extent of the source are
-/// scanned for zero clusters (see [`file_runs`]), the non-zero runs get
-/// consecutive host clusters and are copied file to file by worker
-/// threads; zero extents are skipped; clusters that straddle extents or
-/// hold compressed data are read and written here.
+/// qemu-img convert's longest block status query (`BDRV_REQUEST_MAX_SECTORS`).
+const REQ_MAX: u64 = (i32::MAX as u64 >> 9) << 9;
+
+/// Zero-block scan of one window of a source: the runs of `[g, g + len)`
+/// (guest offsets) that hold data, in blocks of `blk` bytes aligned to
+/// the guest offset as qemu-img aligns them (a partial first block when
+/// `g` is not aligned). `f`/`h`: the window's plain extent in a file; else
+/// `bytes` holds its data.
+fn window_runs(
+    src: Option<(&File, u64)>,
+    bytes: &[u8],
+    g: u64,
+    len: u64,
+    blk: u64,
+    fast: &Fast,
+    probe: &mut Vec<u8>,
+) -> std::io::Result<Vec<(u64, u64)>> {
+    let lead = ((blk - g % blk) % blk).min(len);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut add = |a: u64, b: u64| match out.last_mut() {
+        Some(l) if l.1 == a => l.1 = b,
+        _ => out.push((a, b)),
+    };
+    for (at, n, bk) in [(0, lead, lead), (lead, len - lead, blk)] {
+        if n == 0 {
+            continue;
+        }
+        let found = match src {
+            Some((f, h)) => file_runs(f, h + at, n, bk as usize, fast.map, probe)?,
+            None => {
+                let end = ((at + n) as usize).min(bytes.len());
+                let part = bytes.get(at as usize..end).unwrap_or(&[]);
+                nonzero_runs(part, bk as usize)
+            }
+        };
+        for (a, b) in found {
+            add(g + at + a as u64, g + at + b as u64);
+        }
+    }
+    Ok(out)
+}
+
+/// qemu-img convert's write requests from data runs (guest offsets) of an
+/// extent that starts at `origin`: the runs cut at its request grid
+/// (`chunk` bytes from `origin`), zero gaps shorter than `sparse` inside
+/// one request bridged (`is_allocated_sectors_min`).
+fn requests(runs: &[(u64, u64)], origin: u64, chunk: u64, sparse: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(a, b) in runs {
+        let mut s = a;
+        while s < b {
+            let k = (s - origin) / chunk;
+            let e = b.min(origin + (k + 1) * chunk);
+            match out.last_mut() {
+                Some(l) if (l.0 - origin) / chunk == k && s - l.1 < sparse => l.1 = e,
+                _ => out.push((s, e)),
+            }
+            s = e;
+        }
+    }
+    out
+}
+
+/// Convert into a fresh qcow2 image (uncompressed, no backing), laid out
+/// as qemu-img lays it out: the extents of its block status queries
+/// (capped as qemu-img caps them: at the end of the top layer's L2 table,
+/// and cut to its clusters), zero ones skipped (written with `-S 0`),
+/// data ones cut into qemu-img's requests (2 MiB from the extent's start)
+/// and each request into its runs of non-zero `-S` blocks; every request
+/// is placed by the writer's replay of QEMU's allocator, and its pieces
+/// are copied file to file by the copier threads (plain extents) or
+/// written here (compressed source clusters, and bytes for clusters that
+/// must wait for [`SeqWriter::finish`]).
 fn fast_qcow2(
     w: &mut vcore::image::qcow2::writer::SeqWriter,
     sources: &mut [Vec<Layer>],
     total: u64,
+    sparse: u64,
     fast: &Fast,
 ) -> Result<(), String> {
     let cs = w.header().cluster_size();
+    let chunk = (2u64 << 20).max(cs);
+    // -S 0 and -C: requests are whole; else blocks of -S bytes (a power
+    // of two: qemu-img's alignment), gaps of -S bridged.
+    let whole = sparse == 0 || !fast.scan;
+    let blk = if whole {
+        0
+    } else {
+        1u64 << (63 - sparse.leading_zeros())
+    };
     let out = w.file().try_clone().map_err(|e| e.to_string())?;
     let mut prog = Progress {
         on: fast.progress,
         total,
         last: -1,
     };
-    let mut buf = vec![0u8; cs as usize];
+    let mut buf: Vec<u8> = Vec::new();
     let mut probe = Vec::new();
     let msg = |f: Failure| f.msg.unwrap_or_default();
-    let werr = |(_, e): (u64, std::io::Error)| vcore::image::qcow2::os_msg(&e);
+    let os = |e: std::io::Error| vcore::image::qcow2::os_msg(&e);
     std::thread::scope(|sc| -> Result<(), String> {
-        let pool = Pool::new(sc, &out, PREPARERS, fast.direct, fast.rate);
+        let mut o = Emit {
+            pool: Pool::new(sc, &out, PREPARERS, fast.direct, fast.rate),
+            opened: Vec::new(),
+            copy: None,
+        };
+        // A request from a plain extent, placed when the next one is
+        // known: (start, end, file, source offset, file length).
+        let mut held: Option<(u64, u64, usize, u64, u64)> = None;
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
+            let (span, align) = match &src[0] {
+                Layer::Qcow2 { m, .. } => {
+                    let h = m.header();
+                    (h.cluster_size() * h.l2_entries(), h.cluster_size())
+                }
+                Layer::Raw { .. } => (u64::MAX, 1),
+            };
             let mut off = 0u64;
-            // `off` (and `base`) stay cluster aligned.
             while off < size {
-                let max = (size - off).min(WINDOW);
-                let e = status(src, off, max).map_err(msg)?;
-                let whole = e.length.min(max) / cs * cs;
-                if whole > 0 && e.zero {
-                    off += whole;
+                let cap = (size - off).min(REQ_MAX).min(span - off % span);
+                let e = status(src, off, cap).map_err(msg)?;
+                let mut n = e.length.clamp(1, cap);
+                let tail = (off + n) % align;
+                if n > tail {
+                    n -= tail;
+                }
+                let g0 = base + off;
+                if e.zero && sparse != 0 {
+                    off += n;
                     prog.at(base + off);
                     continue;
                 }
-                if whole > 0 {
-                    if let Some((f, h)) = plain_extent(src, &e) {
-                        let gc0 = (base + off) / cs;
-                        let found = data_runs(f, h, whole, cs as usize, fast, &mut probe)
-                            .map_err(|e| vcore::image::qcow2::os_msg(&e))?;
-                        for (a, b) in found {
-                            let n = ((b - a) as u64).div_ceil(cs);
-                            let host = w.reserve_clusters(gc0 + a as u64 / cs, n)?;
-                            pool.copy(f, h + a as u64, host, (b - a) as u64)
-                                .map_err(werr)?;
+                // A plain extent: (its file among `o.opened`, host offset,
+                // file length); the copier threads get a handle of their
+                // own that stays open to the end.
+                let mut plain = None;
+                if let Some((f, h)) = plain_extent(src, &e).filter(|_| !e.zero) {
+                    let fd = f.as_raw_fd();
+                    let i = match o.opened.iter().position(|(x, _)| *x == fd) {
+                        Some(i) => i,
+                        None => {
+                            o.opened.push((fd, f.try_clone().map_err(os)?));
+                            o.opened.len() - 1
                         }
-                        off += whole;
-                        prog.at(base + off);
-                        continue;
+                    };
+                    plain = Some((i, h, f.metadata().map_err(os)?.len()));
+                }
+                let win = if plain.is_some() { WINDOW } else { chunk };
+                let mut ws = 0u64;
+                while ws < n {
+                    let wn = (n - ws).min(win);
+                    let g = g0 + ws;
+                    // The window's bytes, unless copied file to file.
+                    let data: &[u8] = if plain.is_none() && !e.zero {
+                        buf.clear();
+                        buf.resize(wn as usize, 0);
+                        read_chain(src, off + ws, &mut buf).map_err(msg)?;
+                        &buf
+                    } else {
+                        &[]
+                    };
+                    let runs = if whole {
+                        vec![(g, g + wn)]
+                    } else {
+                        let f = plain.map(|(i, h, _)| (&o.opened[i].1, h + ws));
+                        window_runs(f, data, g, wn, blk, fast, &mut probe).map_err(os)?
+                    };
+                    let reqs = requests(&runs, g0, chunk, sparse.max(1));
+                    for (k, &(a, b)) in reqs.iter().enumerate() {
+                        if let Some((pa, pb, i, h, l)) = held.take() {
+                            let then = if a == pb { b } else { 0 };
+                            o.emit(w, pa, pb, then, Source::Plain(i, h, l))?;
+                        }
+                        let from = match plain {
+                            _ if e.zero => Source::Zero,
+                            Some((i, h, flen)) => {
+                                held = Some((a, b, i, h + (a - g0), flen));
+                                continue;
+                            }
+                            None => Source::Buf(&data[(a - g) as usize..(b - g) as usize]),
+                        };
+                        let then = match reqs.get(k + 1) {
+                            Some(&(c, d)) if c == b => d,
+                            _ => 0,
+                        };
+                        o.emit(w, a, b, then, from)?;
                     }
+                    ws += wn;
+                    prog.at(base + off + ws);
                 }
-                // One cluster the slow way.
-                let n = (size - off).min(cs) as usize;
-                buf.fill(0);
-                read_chain(src, off, &mut buf[..n]).map_err(msg)?;
-                // With -C, a cluster holding data is copied even if it
-                // reads as zeroes.
-                let data = !is_zero(&buf[..n])
-                    || (!fast.scan && !matches!(is_zero_range(src, off, n as u64), Ok(true)));
-                if data {
-                    pool.throttle(n as u64);
-                    w.write_cluster((base + off) / cs, &buf[..n])?;
-                }
-                off += cs;
-                prog.at(base + off);
+                off += n;
             }
             base += size;
         }
-        pool.finish().map_err(werr)
+        if let Some((pa, pb, i, h, l)) = held.take() {
+            o.emit(w, pa, pb, 0, Source::Plain(i, h, l))?;
+        }
+        o.finish()
     })
+}
+
+/// Where the bytes of a request of [`fast_qcow2`] come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A plain extent: file (index into [`Emit::opened`]), the offset of
+    /// the request's first byte there, the file's length.
+    Plain(usize, u64, u64),
+    /// Zeroes written as data (`-S 0`).
+    Zero,
+    /// These bytes.
+    Buf(&'a [u8]),
+}
+
+/// The output side of [`fast_qcow2`]: requests placed, their bytes copied
+/// by the pool or written here.
+struct Emit<'s> {
+    pool: Pool<'s>,
+    /// Source files the pool reads from (kept open for its threads).
+    opened: Vec<(std::os::fd::RawFd, File)>,
+    /// A copy still growing: (file, source offset, host offset, bytes).
+    copy: Option<(usize, u64, u64, u64)>,
+}
+
+impl Emit<'_> {
+    /// Place request `[a, b)` (see [`SeqWriter::place`] for `then`) and
+    /// write its bytes.
+    fn emit(
+        &mut self,
+        w: &mut vcore::image::qcow2::writer::SeqWriter,
+        a: u64,
+        b: u64,
+        then: u64,
+        from: Source,
+    ) -> Result<(), String> {
+        let os = |e: std::io::Error| vcore::image::qcow2::os_msg(&e);
+        for seg in w.place(a, b - a, then)? {
+            let rel = seg.guest - a;
+            match from {
+                Source::Plain(i, h, flen) if !w.held(seg.host, seg.len) => {
+                    // Bytes past the source file's end stay zero.
+                    let n = seg.len.min(flen.saturating_sub(h + rel));
+                    if n > 0 {
+                        self.copy(i, h + rel, seg.host, n)?;
+                    }
+                }
+                Source::Plain(i, h, _) => {
+                    let mut v = vec![0u8; seg.len as usize];
+                    let got = self.opened[i].1.read_at(&mut v, h + rel).map_err(os)?;
+                    v[got..].fill(0);
+                    w.write_at(seg.host, &v)?;
+                }
+                Source::Zero => {
+                    self.pool.throttle(seg.len);
+                    w.write_at(seg.host, &vec![0u8; seg.len as usize])?;
+                }
+                Source::Buf(d) => {
+                    self.pool.throttle(seg.len);
+                    w.write_at(seg.host, &d[rel as usize..(rel + seg.len) as usize])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue a copy; pieces that continue each other in the source and the
+    /// target go out as one (what the copiers are made for).
+    /// A copy grows up to [`WINDOW`] bytes, then goes out up to a 4 KiB
+    /// boundary of the target, so that the next one starts aligned (the
+    /// direct copier writes aligned jobs only; requests of a raw source
+    /// past 2 GiB - 512 are not aligned).
+    fn copy(&mut self, i: usize, src: u64, host: u64, n: u64) -> Result<(), String> {
+        if let Some((pi, ps, ph, pn)) = &mut self.copy {
+            if *pi == i && *ps + *pn == src && *ph + *pn == host {
+                *pn += n;
+                let cut = (*ph + *pn) / 4096 * 4096;
+                if *pn >= WINDOW && cut > *ph {
+                    let (fi, fs, fh, fc) = (*pi, *ps, *ph, cut - *ph);
+                    *ps += fc;
+                    *ph += fc;
+                    *pn -= fc;
+                    let rest = self.copy.take();
+                    self.copy = Some((fi, fs, fh, fc));
+                    self.flush()?;
+                    self.copy = rest.filter(|r| r.3 > 0);
+                }
+                return Ok(());
+            }
+        }
+        self.flush()?;
+        self.copy = Some((i, src, host, n));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        if let Some((i, s, h, n)) = self.copy.take() {
+            self.pool
+                .copy(&self.opened[i].1, s, h, n)
+                .map_err(|(_, e)| vcore::image::qcow2::os_msg(&e))?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        self.flush()?;
+        self.pool
+            .finish()
+            .map_err(|(_, e)| vcore::image::qcow2::os_msg(&e))
+    }
 }

@@ -350,6 +350,30 @@ impl Allocator {
         }
     }
 
+    /// `alloc_clusters_noref` for one cluster: the first free cluster at or
+    /// past the free index, not counted yet.
+    pub fn search_one(&mut self) -> u64 {
+        self.search(1)
+    }
+
+    /// `update_refcount(+1)` over `n` clusters from `start`, some of which
+    /// may be in use already (compressed data sharing a cluster): `false`
+    /// when a refcount block had to be placed first (the caller retries);
+    /// then only the clusters this call counted are undone.
+    pub fn count_shared(&mut self, start: u64, n: u64) -> bool {
+        let was: Vec<bool> = (start..start + n).map(|c| self.used.get(c)).collect();
+        if self.count(start, n).is_ok() {
+            return true;
+        }
+        for (i, w) in was.into_iter().enumerate() {
+            if w {
+                let c = start + i as u64;
+                self.used.put(c, c + 1, true);
+            }
+        }
+        false
+    }
+
     /// `alloc_clusters_noref`: the first run of `n` free clusters at or
     /// past the free index, not counted yet; the index moves past it.
     fn search(&mut self, n: u64) -> u64 {

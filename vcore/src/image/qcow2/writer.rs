@@ -1,27 +1,59 @@
-//! Sequential writer for a freshly created qcow2 image (what `convert`
-//! produces): data clusters are appended (compressed ones packed byte by
-//! byte, zlib raw deflate or zstd), L2 tables are kept in memory, and
-//! `finish` appends the L2 tables and new refcount structures, switches the
-//! header to them, and fills the L1 table last. Until then the image reads as
-//! empty and everything appended is merely leaked, so a crash never leaves a
-//! corrupt image. Supports v2/v3, zstd and extended L2 targets.
+//! Writer for a freshly created qcow2 image (what `convert` produces),
+//! laying the file out as `qemu-img convert` does: QEMU's cluster
+//! allocator ([`Allocator`]) is replayed for every write request in guest
+//! order, so L2 tables land right before the first data cluster they map,
+//! refcount blocks right after the run that needs them, compressed data is
+//! packed as `qcow2_alloc_bytes` packs it, and a refcount table that must
+//! grow (tiny clusters) moves as QEMU moves it. Data goes to its final
+//! host offset at once (the caller may copy it there itself); the L2
+//! tables, refcount blocks and tables are kept in memory and written by
+//! [`SeqWriter::finish`], the L1 table last. Until then the image reads as
+//! empty and everything written is merely leaked, so a crash leaves no
+//! corruption (but see [`SeqWriter::finish`] for a moved refcount table).
 
+use super::allocator::Allocator;
 use super::meta::{self, Header, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::prealloc;
 use crate::image::raw::pread_full;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-/// Appending writer (see module docs).
+/// Where a piece of a write goes: guest bytes `[guest, guest + len)` are
+/// stored at host offset `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seg {
+    /// Guest offset.
+    pub guest: u64,
+    /// Host offset.
+    pub host: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Writer over a fresh image (see module docs).
 pub struct SeqWriter {
     f: File,
     h: Header,
-    /// L2 tables by L1 index (entries: (descriptor, bitmap)).
-    l2: BTreeMap<u64, Vec<(u64, u64)>>,
-    /// Next free byte at the end of the file.
+    a: Allocator,
+    /// Entries of an L2 slice (QEMU's allocations stop at slice ends).
+    slice: u64,
+    /// L2 tables by L1 index: host cluster, entries (descriptor, bitmap).
+    l2: BTreeMap<u64, (u64, Vec<(u64, u64)>)>,
+    /// Refcounts of the clusters holding compressed data (several
+    /// compressed clusters can share one host cluster).
+    counts: BTreeMap<u64, u64>,
+    /// QEMU's `free_byte_offset` (0: none).
+    free_byte: u64,
+    /// Bytes of clusters that belonged to a replaced refcount table (the
+    /// image's own table is live until `finish`): written after the switch.
+    held: BTreeMap<u64, Vec<u8>>,
+    /// End of everything QEMU would have written so far (its file length).
     end: u64,
-    /// Host refcounts by cluster index.
-    refs: Vec<u64>,
+    /// Copy offloading (`convert -C`): QEMU's `qcow2_co_copy_range_to`
+    /// copies the zeroes around a write into a new cluster as data, where
+    /// a plain write zeroes them with `fallocate`.
+    copy_range: bool,
 }
 
 fn io(e: std::io::Error) -> String {
@@ -35,24 +67,25 @@ impl SeqWriter {
         if h.nb_snapshots != 0 {
             return Err("the target image has snapshots".into());
         }
-        let len = f.metadata().map_err(io)?.len();
-        let cs = h.cluster_size();
-        let mut refs = vec![0u64; len.div_ceil(cs) as usize];
-        refs[0] = 1;
-        let l1_first = h.l1_table_offset / cs;
-        let l1_n = (h.l1_size as u64 * 8).div_ceil(cs);
-        for c in l1_first..l1_first + l1_n {
-            if let Some(r) = refs.get_mut(c as usize) {
-                *r = 1;
-            }
-        }
+        let a = Allocator::load(&f, &h)?;
+        let end = f.metadata().map_err(io)?.len();
         Ok(SeqWriter {
-            end: len.next_multiple_of(cs),
+            slice: prealloc::l2_slice(&h) / h.l2_entry_size(),
             f,
             h,
+            a,
             l2: BTreeMap::new(),
-            refs,
+            counts: BTreeMap::new(),
+            free_byte: 0,
+            held: BTreeMap::new(),
+            end,
+            copy_range: false,
         })
+    }
+
+    /// Requests are copy offloading's (`convert -C`, see the field).
+    pub fn set_copy_range(&mut self, on: bool) {
+        self.copy_range = on;
     }
 
     /// The header.
@@ -60,155 +93,408 @@ impl SeqWriter {
         &self.h
     }
 
-    fn inc(&mut self, off: u64, len: u64) {
-        let cs = self.h.cluster_size();
-        let first = off / cs;
-        let last = (off + len - 1) / cs;
-        for c in first..=last {
-            if self.refs.len() <= c as usize {
-                self.refs.resize(c as usize + 1, 0);
-            }
-            self.refs[c as usize] += 1;
-        }
-    }
-
-    fn set_l2(&mut self, guest_cluster: u64, desc: u64, bitmap: u64) -> Result<(), String> {
-        let n = self.h.l2_entries();
-        let l1i = guest_cluster / n;
-        if l1i >= self.h.l1_size as u64 {
-            return Err("write beyond the end of the image".into());
-        }
-        let t = self
-            .l2
-            .entry(l1i)
-            .or_insert_with(|| vec![(0, 0); n as usize]);
-        t[(guest_cluster % n) as usize] = (desc, bitmap);
-        Ok(())
-    }
-
-    /// Store a whole cluster uncompressed (`data.len()` ≤ cluster size;
-    /// shorter data is zero padded).
-    pub fn write_cluster(&mut self, guest_cluster: u64, data: &[u8]) -> Result<(), String> {
-        let cs = self.h.cluster_size();
-        let off = self.end.next_multiple_of(cs);
-        if data.len() as u64 == cs {
-            self.f.write_all_at(data, off).map_err(io)?;
-        } else {
-            let mut b = vec![0u8; cs as usize];
-            b[..data.len()].copy_from_slice(data);
-            self.f.write_all_at(&b, off).map_err(io)?;
-        }
-        self.end = off + cs;
-        self.inc(off, cs);
-        let bitmap = if self.h.extended_l2() { 0xffff_ffff } else { 0 };
-        self.set_l2(guest_cluster, off | OFLAG_COPIED, bitmap)
-    }
-
-    /// Store consecutive whole clusters uncompressed with one write
-    /// (`data.len()` a multiple of the cluster size, or shorter at the end
-    /// of the image: zero padded).
-    pub fn write_clusters(&mut self, first_guest_cluster: u64, data: &[u8]) -> Result<(), String> {
-        let cs = self.h.cluster_size();
-        let n = (data.len() as u64).div_ceil(cs);
-        let off = self.end.next_multiple_of(cs);
-        self.f.write_all_at(data, off).map_err(io)?;
-        let tail = n * cs - data.len() as u64;
-        if tail > 0 {
-            self.f
-                .write_all_at(&vec![0u8; tail as usize], off + data.len() as u64)
-                .map_err(io)?;
-        }
-        self.end = off + n * cs;
-        let bitmap = if self.h.extended_l2() { 0xffff_ffff } else { 0 };
-        for i in 0..n {
-            self.inc(off + i * cs, cs);
-            self.set_l2(
-                first_guest_cluster + i,
-                (off + i * cs) | OFLAG_COPIED,
-                bitmap,
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Allocate `n` consecutive host clusters at the end of the file for
-    /// guest clusters `first_guest_cluster..+n` and map them, without
-    /// writing: the caller fills `[host, host + n * cluster size)` (with
-    /// `pwrite` or `copy_file_range` on [`SeqWriter::file`]) before
-    /// [`SeqWriter::finish`]. Bytes it leaves unwritten read as zeroes.
-    /// Returns the host offset.
-    pub fn reserve_clusters(&mut self, first_guest_cluster: u64, n: u64) -> Result<u64, String> {
-        let cs = self.h.cluster_size();
-        let off = self.end.next_multiple_of(cs);
-        let bitmap = if self.h.extended_l2() { 0xffff_ffff } else { 0 };
-        for i in 0..n {
-            self.set_l2(
-                first_guest_cluster + i,
-                (off + i * cs) | OFLAG_COPIED,
-                bitmap,
-            )?;
-        }
-        let last = (off + n * cs).div_ceil(cs) as usize;
-        if self.refs.len() < last {
-            self.refs.resize(last, 0);
-        }
-        for r in &mut self.refs[(off / cs) as usize..last] {
-            *r += 1;
-        }
-        self.end = off + n * cs;
-        Ok(off)
-    }
-
-    /// The image file (for filling reserved clusters).
+    /// The image file (for copying data to the host offsets of [`Seg`]s
+    /// that are not [`SeqWriter::held`]).
     pub fn file(&self) -> &File {
         &self.f
     }
 
-    /// Store a compressed cluster (output of [`compress`]).
-    pub fn write_compressed(&mut self, guest_cluster: u64, comp: &[u8]) -> Result<(), String> {
-        let h = &self.h;
-        let csize_shift = 62 - (h.cluster_bits - 8);
-        let off = self.end;
-        let len = comp.len() as u64;
-        let nb_csectors = ((off + len - 1) >> 9) - (off >> 9);
-        if nb_csectors >= (1u64 << (h.cluster_bits - 8)) || off >= (1u64 << csize_shift) {
-            return Err("compressed cluster does not fit".into());
-        }
-        self.f.write_all_at(comp, off).map_err(io)?;
-        self.end = off + len;
-        let (co, csz) = meta::compressed_extent(h, off | (nb_csectors << csize_shift));
-        self.inc(co, csz);
-        self.set_l2(
-            guest_cluster,
-            off | (nb_csectors << csize_shift) | OFLAG_COMPRESSED,
-            0,
-        )
+    fn entry(&self, c: u64) -> (u64, u64) {
+        let n = self.h.l2_entries();
+        self.l2
+            .get(&(c / n))
+            .map_or((0, 0), |(_, t)| t[(c % n) as usize])
     }
 
-    /// Write the metadata and make the data visible.
-    /// With `sync`, the refcount structures, the header switch and the L1
-    /// table are each made durable before the next step (power-loss
-    /// safe); without it (qemu-img's `cache=unsafe` for convert) the write
-    /// order alone keeps a killed process from leaving corruption.
+    fn set_entry(&mut self, c: u64, desc: u64, bitmap: u64) {
+        let n = self.h.l2_entries();
+        if let Some((_, t)) = self.l2.get_mut(&(c / n)) {
+            t[(c % n) as usize] = (desc, bitmap);
+        }
+    }
+
+    /// Host offset of guest cluster `c` if it is a plain allocated one.
+    fn mapped(&self, c: u64) -> Option<u64> {
+        let (d, _) = self.entry(c);
+        (d & OFLAG_COMPRESSED == 0 && d & meta::OFFSET_MASK != 0).then_some(d & meta::OFFSET_MASK)
+    }
+
+    /// `get_cluster_table`: the L2 table for guest cluster `c`, allocated
+    /// if it has none yet.
+    fn table_for(&mut self, c: u64) -> Result<(), String> {
+        let n = self.h.l2_entries();
+        let l1i = c / n;
+        if l1i >= self.h.l1_size as u64 {
+            return Err("write beyond the end of the image".into());
+        }
+        if !self.l2.contains_key(&l1i) {
+            let t = self.a.alloc(1);
+            let cs = self.h.cluster_size();
+            self.end = self.end.max((t + 1) * cs);
+            self.l2.insert(l1i, (t, vec![(0, 0); n as usize]));
+        }
+        Ok(())
+    }
+
+    /// Extended L2: mark the subclusters `[guest, guest + len)` touches in
+    /// guest cluster `c` allocated.
+    fn mark(&mut self, c: u64, guest: u64, len: u64) {
+        if !self.h.extended_l2() {
+            return;
+        }
+        let cs = self.h.cluster_size();
+        let sc = cs / 32;
+        let lo = guest.max(c * cs) - c * cs;
+        let hi = (guest + len).min((c + 1) * cs) - c * cs;
+        if lo >= hi {
+            return;
+        }
+        let (first, last) = (lo / sc, (hi - 1) / sc);
+        let bits = (u64::MAX >> (63 - last)) & !((1u64 << first) - 1) & 0xffff_ffff;
+        let (d, b) = self.entry(c);
+        self.set_entry(c, d, b | bits);
+    }
+
+    /// Place a write request of `len` bytes at `guest` as QEMU's
+    /// `qcow2_co_pwritev_part` does: clusters already mapped are written in
+    /// place, the others allocated (L2 tables first where needed), run by
+    /// run, each run at most to the end of an L2 slice. Requests must come
+    /// in guest order without overlapping, as qemu-img convert issues them.
+    /// The caller writes the data to the returned pieces (through
+    /// [`SeqWriter::write_at`] for pieces that are [`SeqWriter::held`]).
+    ///
+    /// `then`: the end of the next request when it starts right where this
+    /// one ends (else 0). QEMU zeroes the rest of a new cluster a request
+    /// writes in part, then the next request fills it; when it is known to
+    /// fill all of it, the zeroing is skipped (the file ends up the same:
+    /// all of it written).
+    pub fn place(&mut self, guest: u64, len: u64, then: u64) -> Result<Vec<Seg>, String> {
+        let mut out: Vec<Seg> = Vec::new();
+        let (mut off, mut left) = (guest, len);
+        while left > 0 {
+            let (host, n) = self.alloc_host_offset(off, left, then)?;
+            match out.last_mut() {
+                Some(l) if l.guest + l.len == off && l.host + l.len == host => l.len += n,
+                _ => out.push(Seg {
+                    guest: off,
+                    host,
+                    len: n,
+                }),
+            }
+            off += n;
+            left -= n;
+        }
+        Ok(out)
+    }
+
+    /// `qcow2_alloc_host_offset`: host offset for `start` and how many of
+    /// `bytes` are contiguous there.
+    fn alloc_host_offset(
+        &mut self,
+        start: u64,
+        bytes: u64,
+        then: u64,
+    ) -> Result<(u64, u64), String> {
+        let cs = self.h.cluster_size();
+        let (mut start, mut remaining) = (start, bytes);
+        let mut cluster_offset: Option<u64> = None;
+        let mut host: Option<u64> = None;
+        let mut cur = 0u64;
+        loop {
+            if host.is_none() && cluster_offset.is_some() {
+                host = cluster_offset;
+            }
+            start += cur;
+            remaining -= cur;
+            if let Some(c) = cluster_offset.as_mut() {
+                *c += cur;
+            }
+            if remaining == 0 {
+                break;
+            }
+            cur = remaining;
+            let c = start / cs;
+            let in_slice = self.slice - c % self.slice;
+            let nb = (start % cs + cur).div_ceil(cs).min(in_slice);
+            // handle_copied: clusters already allocated, kept.
+            self.table_for(c)?;
+            if let Some(hc) = self.mapped(c) {
+                if cluster_offset.is_none_or(|co| co == hc + start % cs) {
+                    let mut k = 1;
+                    while k < nb && self.mapped(c + k) == Some(hc + k * cs) {
+                        k += 1;
+                    }
+                    cur = cur.min(k * cs - start % cs);
+                    cluster_offset = Some(hc + start % cs);
+                    for i in 0..k {
+                        self.mark(c + i, start, cur);
+                    }
+                    self.end = self.end.max(hc + start % cs + cur);
+                    continue;
+                }
+                break;
+            }
+            // handle_alloc: a run of unallocated clusters.
+            let mut k = 1;
+            while k < nb && self.entry(c + k).0 == 0 {
+                k += 1;
+            }
+            let first = match cluster_offset {
+                None => self.a.alloc(k),
+                Some(co) => {
+                    let got = self.a.alloc_at(co / cs, k);
+                    if got == 0 {
+                        break;
+                    }
+                    k = got;
+                    co / cs
+                }
+            };
+            cur = cur.min(k * cs - start % cs);
+            let bitmap_all = !self.h.extended_l2();
+            for i in 0..k {
+                self.set_entry(c + i, ((first + i) * cs) | OFLAG_COPIED, 0);
+                if bitmap_all {
+                    continue;
+                }
+                self.mark(c + i, start, cur);
+            }
+            // New clusters written in part are zeroed first, as QEMU's
+            // `handle_alloc_space` zeroes them (copy-on-write from nothing,
+            // with `fallocate`): the whole run, or with subclusters the
+            // first and last ones written to their ends. Zeroing the gaps
+            // alone would leave other extents (ext4 zeroes out small
+            // unwritten pieces when data splits a zeroed range).
+            let (ws, we) = (first * cs + start % cs, first * cs + start % cs + cur);
+            let (zs, ze) = if self.h.extended_l2() {
+                let sc = cs / 32;
+                (ws - ws % sc, we.next_multiple_of(sc))
+            } else {
+                (first * cs, (first + k) * cs)
+            };
+            // Past the image's end block status is not "zero": QEMU then
+            // copies the zeroes (explicit data around the write).
+            let zero_end = start + cur + (ze - we);
+            let past_end = zero_end > self.h.size.next_multiple_of(512);
+            let filled = zs == ws && cur == remaining && then >= zero_end;
+            let cow = (zs < ws || we < ze) && !filled && !self.held(zs, ze - zs);
+            if cow && (past_end || self.copy_range || zero_range(&self.f, zs, ze - zs).is_err()) {
+                for (a, b) in [(zs, ws), (we, ze)] {
+                    self.f
+                        .write_all_at(&vec![0u8; (b - a) as usize], a)
+                        .map_err(io)?;
+                }
+            }
+            self.end = self.end.max(ze);
+            for i in 0..k {
+                if self.held_cluster(first + i).is_some() {
+                    self.held.insert(first + i, vec![0u8; cs as usize]);
+                }
+            }
+            cluster_offset = Some(first * cs + start % cs);
+        }
+        let done = bytes - remaining;
+        match host {
+            Some(h) if done > 0 => Ok((h, done)),
+            _ => Err("no cluster could be allocated".into()),
+        }
+    }
+
+    /// The bytes of the replaced refcount table that covers cluster `c`,
+    /// if it does (see [`SeqWriter::held`]).
+    fn held_cluster(&self, c: u64) -> Option<Vec<u8>> {
+        let cs = self.h.cluster_size();
+        self.a.old_tables.iter().rev().find_map(|(at, t)| {
+            let n = (t.len() as u64 * 8).div_ceil(cs);
+            (c >= *at && c < at + n).then(|| {
+                let per = (cs / 8) as usize;
+                let i = ((c - at) * cs / 8) as usize;
+                let mut b = vec![0u8; cs as usize];
+                for (j, e) in t[i..(i + per).min(t.len())].iter().enumerate() {
+                    b[j * 8..j * 8 + 8].copy_from_slice(&(e * cs).to_be_bytes());
+                }
+                b
+            })
+        })
+    }
+
+    /// Whether `[host, host + len)` touches a cluster of a replaced
+    /// refcount table (the image's own table stays in use until
+    /// [`SeqWriter::finish`], a table replaced later is written there):
+    /// such bytes must go through [`SeqWriter::write_at`].
+    pub fn held(&self, host: u64, len: u64) -> bool {
+        let cs = self.h.cluster_size();
+        len > 0
+            && (host / cs..=(host + len - 1) / cs)
+                .any(|c| self.held.contains_key(&c) || self.held_cluster(c).is_some())
+    }
+
+    /// Write `data` at host offset `host` (a [`Seg`]'s), keeping the parts
+    /// that fall into [`SeqWriter::held`] clusters for `finish`.
+    pub fn write_at(&mut self, host: u64, data: &[u8]) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        if !self.held(host, data.len() as u64) {
+            return self.f.write_all_at(data, host).map_err(io);
+        }
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let h = host + pos as u64;
+            let c = h / cs;
+            let n = ((cs - h % cs) as usize).min(data.len() - pos);
+            let init = self.held_cluster(c);
+            match (self.held.get_mut(&c), init) {
+                (Some(b), _) => b[(h % cs) as usize..][..n].copy_from_slice(&data[pos..pos + n]),
+                (None, Some(mut b)) => {
+                    b[(h % cs) as usize..][..n].copy_from_slice(&data[pos..pos + n]);
+                    self.held.insert(c, b);
+                }
+                (None, None) => self.f.write_all_at(&data[pos..pos + n], h).map_err(io)?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Place and write a request (see [`SeqWriter::place`]).
+    pub fn write(&mut self, guest: u64, data: &[u8]) -> Result<(), String> {
+        for s in self.place(guest, data.len() as u64, 0)? {
+            let a = (s.guest - guest) as usize;
+            self.write_at(s.host, &data[a..a + s.len as usize])?;
+        }
+        Ok(())
+    }
+
+    /// Store a compressed cluster (output of `compress`) as
+    /// `qcow2_alloc_compressed_cluster_offset` does: its L2 table first,
+    /// then the bytes packed after the previous compressed cluster when
+    /// they fit or continue into the next cluster.
+    pub fn write_compressed(&mut self, guest_cluster: u64, comp: &[u8]) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        self.table_for(guest_cluster)?;
+        if self.entry(guest_cluster).0 != 0 {
+            return Err("compressed write into an allocated cluster".into());
+        }
+        let size = comp.len() as u64;
+        if size == 0 || size > cs {
+            return Err("compressed cluster does not fit".into());
+        }
+        // qcow2_alloc_bytes
+        let mut offset = self.free_byte;
+        if offset != 0 && self.refcount(offset / cs) == self.h.refcount_max() {
+            offset = 0;
+        }
+        let mut free_in = cs - offset % cs;
+        loop {
+            if offset == 0 || free_in < size {
+                let new = self.a.search_one() * cs;
+                if offset == 0 || offset.next_multiple_of(cs) != new {
+                    offset = new;
+                    free_in = cs;
+                } else {
+                    free_in += cs;
+                }
+            }
+            let (first, last) = (offset / cs, (offset + size - 1) / cs);
+            if self.a.count_shared(first, last - first + 1) {
+                for c in first..=last {
+                    let r = self.refcount(c);
+                    self.counts.insert(
+                        c,
+                        if self.counts.contains_key(&c) {
+                            r + 1
+                        } else {
+                            1
+                        },
+                    );
+                }
+                break;
+            }
+            // A refcount block was placed first: QEMU starts over in a
+            // new cluster.
+            offset = 0;
+        }
+        self.free_byte = if (offset + size) % cs == 0 {
+            0
+        } else {
+            offset + size
+        };
+        let csize_shift = 62 - (self.h.cluster_bits - 8);
+        let nb_csectors = ((offset + size - 1) >> 9) - (offset >> 9);
+        if nb_csectors >= (1u64 << (self.h.cluster_bits - 8)) || offset >= (1u64 << csize_shift) {
+            return Err("compressed cluster does not fit".into());
+        }
+        self.write_at(offset, comp)?;
+        self.end = self.end.max(offset + size);
+        self.set_entry(
+            guest_cluster,
+            offset | (nb_csectors << csize_shift) | OFLAG_COMPRESSED,
+            0,
+        );
+        Ok(())
+    }
+
+    /// Refcount of host cluster `c` so far.
+    fn refcount(&self, c: u64) -> u64 {
+        match self.counts.get(&c) {
+            Some(&r) => r,
+            None => self.a.is_used(c) as u64,
+        }
+    }
+
+    /// Every refcount block of the table, brought up to date (see
+    /// `Allocator::fill_refblock` for `keep_freed`), with the counts of
+    /// clusters shared by compressed data.
+    fn refblocks(&self, keep_freed: bool) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        let cs = self.h.cluster_size();
+        let rbe = self.h.refblock_entries();
+        let mut out = Vec::new();
+        for (k, &b) in self.a.reftable.iter().enumerate() {
+            if b == 0 {
+                continue;
+            }
+            let mut block = vec![0u8; cs as usize];
+            if self.a.had_refblock(k, b) {
+                pread_full(&self.f, &mut block, b * cs).map_err(io)?;
+            }
+            self.a.fill_refblock(k, &mut block, keep_freed);
+            let first = k as u64 * rbe;
+            for (&c, &r) in self.counts.range(first..first + rbe) {
+                if r > self.h.refcount_max() {
+                    return Err("refcount overflow".into());
+                }
+                meta::refblock_set(&mut block, self.h.refcount_order, c - first, r);
+            }
+            out.push((b, block));
+        }
+        Ok(out)
+    }
+
+    /// Write the metadata and make the data visible: L2 tables and
+    /// refcount blocks, the refcount table entries QEMU added in place or
+    /// the tables it built whole, the header switch when the table moved,
+    /// what was held back for the replaced table's clusters, and the L1
+    /// table last; the file then ends where QEMU's ends. With `sync`, each
+    /// step is made durable before the next (power-loss safe); without it
+    /// (qemu-img's `cache=unsafe` for convert) the write order alone keeps
+    /// a killed process from leaving corruption, except in one case: when
+    /// the refcount table had to move (clusters of 512 bytes beyond about
+    /// 8 MiB of image, and other tiny-cluster, wide-refcount images) and
+    /// QEMU put metadata into the old table's clusters, the image is
+    /// inconsistent between the header switch and the writes into them.
     pub fn finish(mut self, sync: bool) -> Result<(), String> {
         let cs = self.h.cluster_size();
-        // Reserved clusters the caller left unwritten at the very end.
-        if self.f.metadata().map_err(io)?.len() < self.end {
-            self.f.set_len(self.end).map_err(io)?;
-        }
-        // Pad the file so that sector-rounded compressed extents stay inside.
-        let data_end = self.end.next_multiple_of(512);
-        let mut pos = self.end.next_multiple_of(cs);
-        if data_end > self.end {
-            let pad = vec![0u8; (data_end - self.end) as usize];
-            self.f.write_all_at(&pad, self.end).map_err(io)?;
-        }
-        // L2 tables.
         let esz = self.h.l2_entry_size() as usize;
+        let flush = |f: &File| {
+            if sync {
+                f.sync_data().map_err(io)
+            } else {
+                Ok(())
+            }
+        };
         let mut l1 = vec![0u64; self.h.l1_size as usize];
-        let tables: Vec<(u64, Vec<(u64, u64)>)> =
-            std::mem::take(&mut self.l2).into_iter().collect();
-        for (l1i, t) in tables {
+        let mut meta_end = 0u64;
+        let tables = std::mem::take(&mut self.l2);
+        for (l1i, (at, t)) in tables {
             let mut b = vec![0u8; cs as usize];
             for (i, (d, bm)) in t.iter().enumerate() {
                 b[i * esz..i * esz + 8].copy_from_slice(&d.to_be_bytes());
@@ -216,74 +502,77 @@ impl SeqWriter {
                     b[i * esz + 8..i * esz + 16].copy_from_slice(&bm.to_be_bytes());
                 }
             }
-            self.f.write_all_at(&b, pos).map_err(io)?;
-            self.inc(pos, cs);
-            l1[l1i as usize] = pos | OFLAG_COPIED;
-            pos += cs;
+            self.write_at(at * cs, &b)?;
+            l1[l1i as usize] = (at * cs) | OFLAG_COPIED;
+            meta_end = meta_end.max((at + 1) * cs);
         }
-        // New refcount structures after everything else.
-        let rbe = self.h.refblock_entries();
-        let start = pos / cs;
-        let mut n_rb = (start.div_ceil(rbe)).max(1);
-        let mut n_rt;
-        loop {
-            n_rt = (n_rb * 8).div_ceil(cs).max(1);
-            let need = (start + n_rb + n_rt).div_ceil(rbe);
-            if need <= n_rb {
-                break;
+        for (b, block) in self.refblocks(true)? {
+            self.write_at(b * cs, &block)?;
+            meta_end = meta_end.max((b + 1) * cs);
+        }
+        let was = self.h.refcount_table_offset / cs;
+        let moved = self.a.reftable_at != was;
+        for (at, t) in self.a.old_tables.iter().filter(|(at, _)| *at != was) {
+            self.a.write_table(&self.f, *at, t).map_err(io)?;
+            meta_end = meta_end.max(at * cs + t.len() as u64 * 8);
+        }
+        for &(at, k, b) in self.a.hooked.iter().filter(|h| h.0 == was) {
+            self.f
+                .write_all_at(&(b * cs).to_be_bytes(), at * cs + k as u64 * 8)
+                .map_err(io)?;
+        }
+        if moved {
+            self.a.write_reftable(&self.f).map_err(io)?;
+            meta_end = meta_end.max(self.a.reftable_at * cs + self.a.reftable.len() as u64 * 8);
+        }
+        flush(&self.f)?;
+        if moved {
+            let mut fields = Vec::with_capacity(12);
+            fields.extend_from_slice(&(self.a.reftable_at * cs).to_be_bytes());
+            let clusters = (self.a.reftable.len() as u64 * 8).div_ceil(cs) as u32;
+            fields.extend_from_slice(&clusters.to_be_bytes());
+            self.f.write_all_at(&fields, 48).map_err(io)?;
+            flush(&self.f)?;
+            for (c, b) in std::mem::take(&mut self.held) {
+                self.f.write_all_at(&b, c * cs).map_err(io)?;
+                meta_end = meta_end.max((c + 1) * cs);
             }
-            n_rb = need;
-        }
-        for c in start..start + n_rb + n_rt {
-            if self.refs.len() <= c as usize {
-                self.refs.resize(c as usize + 1, 0);
+            // The old table's clusters no longer counted.
+            for (b, block) in self.refblocks(false)? {
+                self.f.write_all_at(&block, b * cs).map_err(io)?;
             }
-            self.refs[c as usize] = 1;
-        }
-        // The creation-time refcount table and block (clusters 1 and 2 in
-        // QEMU's layout) are no longer used: refcount 0.
-        let mut reftable = vec![0u64; (n_rt * cs / 8) as usize];
-        for i in 0..n_rb {
-            let mut b = vec![0u8; cs as usize];
-            for j in 0..rbe {
-                if let Some(&r) = self.refs.get((i * rbe + j) as usize) {
-                    if r > self.h.refcount_max() {
-                        return Err("refcount overflow".into());
-                    }
-                    if r != 0 {
-                        meta::refblock_set(&mut b, self.h.refcount_order, j, r);
-                    }
-                }
-            }
-            let off = (start + i) * cs;
-            self.f.write_all_at(&b, off).map_err(io)?;
-            reftable[i as usize] = off;
-        }
-        let rt_off = (start + n_rb) * cs;
-        meta::write_table(&self.f, rt_off, &reftable).map_err(io)?;
-        if sync {
-            self.f.sync_data().map_err(io)?;
-        }
-        let mut fields = Vec::with_capacity(12);
-        fields.extend_from_slice(&rt_off.to_be_bytes());
-        fields.extend_from_slice(&(n_rt as u32).to_be_bytes());
-        self.f.write_all_at(&fields, 48).map_err(io)?;
-        if sync {
-            self.f.sync_data().map_err(io)?;
+            flush(&self.f)?;
         }
         if !l1.is_empty() {
             meta::write_table(&self.f, self.h.l1_table_offset, &l1).map_err(io)?;
         }
-        // The refcount table is the last cluster in use: a caller that
-        // grew the file ahead of its data leaves no tail behind.
-        let file_end = rt_off + n_rt * cs;
-        if self.f.metadata().map_err(io)?.len() > file_end {
-            self.f.set_len(file_end).map_err(io)?;
+        // qemu-img ends a compressed convert by growing the file to a
+        // whole sector; anything else ends on a (sub)cluster already.
+        let len = self.end.max(meta_end).next_multiple_of(512);
+        if self.f.metadata().map_err(io)?.len() != len {
+            self.f.set_len(len).map_err(io)?;
         }
-        if sync {
-            self.f.sync_data().map_err(io)?;
-        }
+        flush(&self.f)
+    }
+}
+
+/// `fallocate(FALLOC_FL_ZERO_RANGE)`: what QEMU's `bdrv_co_pwrite_zeroes`
+/// does on a file.
+fn zero_range(f: &File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on an open descriptor with plain integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
         Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -306,11 +595,11 @@ mod tests {
     use crate::image::qcow2::{check, Qcow2Device};
     use crate::image::{BlockDevice, OpenOptions};
 
-    /// Reserved clusters filled by the caller after reservation (out of
-    /// order), a plain cluster, and a reserved cluster left unwritten at
-    /// the very end: the result reads back right and checks clean.
+    /// Placed clusters filled by the caller afterwards (out of order), a
+    /// partial cluster, and a placed cluster left unwritten at the very
+    /// end: the result reads back right and checks clean.
     #[test]
-    fn reserved_clusters_filled_later_read_back_and_check_clean() {
+    fn placed_clusters_filled_later_read_back_and_check_clean() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w.qcow2");
         let o = CreateOptions {
@@ -325,12 +614,16 @@ mod tests {
             .open(&p)
             .unwrap();
         let mut w = SeqWriter::new(f.try_clone().unwrap()).unwrap();
-        let a = w.reserve_clusters(2, 3).unwrap();
-        w.write_cluster(10, &[7u8; 100]).unwrap();
-        let b = w.reserve_clusters(200, 1).unwrap();
-        assert_eq!(a % 4096, 0);
-        assert!(b >= a + 3 * 4096 + 4096);
-        f.write_all_at(&vec![9u8; 3 * 4096], a).unwrap();
+        let a = w.place(2 * 4096, 3 * 4096, 0).unwrap();
+        w.write(10 * 4096, &[7u8; 100]).unwrap();
+        let b = w.place(200 * 4096, 4096, 0).unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].host % 4096, 0);
+        // The L2 table first, then the data; a cluster left for the next
+        // write's data and its new L2 table.
+        assert!(b[0].host >= a[0].host + 3 * 4096 + 4096);
+        assert!(!w.held(a[0].host, a[0].len));
+        f.write_all_at(&vec![9u8; 3 * 4096], a[0].host).unwrap();
         w.finish(true).unwrap();
         let r = check::check(&f, check::Fix::NONE, &mut |_| {}).unwrap();
         assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0));
