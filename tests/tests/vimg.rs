@@ -1453,7 +1453,8 @@ fn convert_into_preallocated_target_is_qemus_file() {
 /// placed by a replay of QEMU's allocator, so L2 tables, refcount blocks,
 /// a refcount table that grows (tiny clusters), zero-filled partial
 /// clusters and packed compressed clusters (QEMU's zlib parameters, zstd)
-/// all land where qemu-img puts them. Sources: a raw file of random data,
+/// all land where qemu-img puts them; with `-B` as qemu-img writes an
+/// image with a backing file. Sources: a raw file of random data,
 /// text, explicit zeroes, zero 2 KiB pieces inside data and holes, with a
 /// size that is not cluster aligned; qcow2 images qemu-img made from it
 /// (4 KiB clusters, compressed, extended L2, an overlay with zero clusters).
@@ -1552,6 +1553,26 @@ fn convert_lays_out_qemus_file() {
         (&["-c", "-o", "compression_type=zstd"], &raw),
         (&["-c", "-o", "extended_l2=on"], &raw),
         (&["-c"], &["ov.qcow2"]),
+        // -B: the source's top layer allocation; zero extents and zero
+        // blocks become zero clusters (written as data on compat 0.10);
+        // partly written clusters take the backing file's bytes.
+        (&["-B", "s.qcow2", "-F", "qcow2"], &["ov.qcow2"]),
+        (&["-B", "s.qcow2", "-F", "qcow2"], &raw),
+        (&["-B", "s.qcow2", "-F", "qcow2", "-c"], &["ov.qcow2"]),
+        (&["-B", "s.qcow2", "-F", "qcow2", "-c"], &raw),
+        (
+            &["-B", "s.qcow2", "-F", "qcow2", "-o", "compat=0.10"],
+            &["ov.qcow2"],
+        ),
+        (
+            &["-B", "s.qcow2", "-F", "qcow2", "-o", "extended_l2=on"],
+            &["ov.qcow2"],
+        ),
+        (&["-B", "s.qcow2", "-F", "qcow2", "-S", "0"], &["ov.qcow2"]),
+        (
+            &["-B", "s4k.qcow2", "-F", "qcow2", "-o", "cluster_size=512"],
+            &raw,
+        ),
     ];
     for (opts, from) in cases {
         let args = [&["convert", "-O", "qcow2"][..], opts, from].concat();

@@ -384,9 +384,11 @@ pub fn run(a: ConvertArgs) -> R<()> {
     Ok(())
 }
 
-/// Convert into a freshly created qcow2 image with the sequential writer:
-/// a reader thread fills chunks while this thread compresses (in parallel
-/// with -c) and appends.
+/// Convert into a freshly created qcow2 image with its writer, which lays
+/// it out as qemu-img does: with a backing file see [`convert_backed`],
+/// uncompressed see [`fast_qcow2`]; with -c a reader thread fills chunks,
+/// compressor threads (one per CPU) compress them and this thread writes
+/// them in order.
 fn convert_seq(
     a: &ConvertArgs,
     sources: &mut [Vec<Layer>],
@@ -416,7 +418,7 @@ fn convert_seq(
     }
     // 2 MiB under a rate limit (qemu-img's request size), 8 MiB else.
     let chunk = (if rate > 0 { 2u64 << 20 } else { 8 << 20 }).max(cs);
-    let mut backing: Option<Vec<Layer>> = match &a.backing {
+    let backing: Option<Vec<Layer>> = match &a.backing {
         Some(b) => {
             let bp = image::resolve_backing(Path::new(dst), b)
                 .display()
@@ -434,7 +436,22 @@ fn convert_seq(
     if a.progress {
         progress(0.0);
     }
-    if !a.compress && backing.is_none() {
+    if let Some(bl) = backing {
+        let bsize = bl[0].size();
+        w.set_backing(Box::new(BackingChain(bl)));
+        let ctype = a.compress.then_some(ctype);
+        convert_backed(
+            &mut w, sources, total, bsize, sparse, ctype, rate, a.progress,
+        )
+        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+        w.finish(cache.flush)
+            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
+        if a.progress {
+            println!("    (100.00/100%)");
+        }
+        return Ok(());
+    }
+    if !a.compress {
         let fast = Fast::new(a, cache, rate);
         w.set_copy_range(a.copy_range);
         fast_qcow2(&mut w, sources, total, sparse, &fast)
@@ -447,13 +464,12 @@ fn convert_seq(
         return Ok(());
     }
     let mut last_pct = -1i64;
-    // Reader thread: (sequence number, guest offset, data, backing data).
-    type Chunk = (u64, u64, Data, Option<Vec<u8>>);
+    // Reader thread: (sequence number, guest offset, data); -c only.
+    type Chunk = (u64, u64, Data);
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<Chunk>>(threads + 1);
     let map = !a.force_share;
     let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|sc| -> R<()> {
-        let backing = &mut backing;
         sc.spawn(move || {
             let mut base = 0u64;
             let mut seq = 0u64;
@@ -462,8 +478,7 @@ fn convert_seq(
                 let mut off = 0u64;
                 while off < size {
                     let n = (size - off).min(chunk) as usize;
-                    let skip = backing.is_none()
-                        && sparse != 0
+                    let skip = sparse != 0
                         && base % cs == 0
                         && matches!(is_zero_range(src, off, n as u64), Ok(true));
                     if skip {
@@ -483,23 +498,7 @@ fn convert_seq(
                             Data::Buf(buf)
                         }
                     };
-                    let bb = match backing.as_mut() {
-                        Some(bl) => {
-                            let bsize = bl[0].size();
-                            let mut bb = vec![0u8; n.next_multiple_of(cs as usize)];
-                            let g = base + off;
-                            if g < bsize {
-                                let bn = ((bsize - g) as usize).min(n);
-                                if let Err(e) = read_chain(bl, g, &mut bb[..bn]) {
-                                    let _ = tx.send(Err(e));
-                                    return;
-                                }
-                            }
-                            Some(bb)
-                        }
-                        None => None,
-                    };
-                    if tx.send(Ok((seq, base + off, data, bb))).is_err() {
+                    if tx.send(Ok((seq, base + off, data))).is_err() {
                         return;
                     }
                     seq += 1;
@@ -524,9 +523,8 @@ fn convert_seq(
                         return;
                     };
                     let Ok(item) = item else { return };
-                    let out = item.map(|(seq, goff, data, bb)| {
-                        prepare(seq, goff, data, bb.as_deref(), cs, sparse, z.as_mut())
-                    });
+                    let out = item
+                        .map(|(seq, goff, data)| prepare(seq, goff, data, cs, sparse, z.as_mut()));
                     if done_tx.send(out).is_err() {
                         return;
                     }
@@ -607,14 +605,12 @@ struct Prepared {
     comp: Vec<Option<Vec<u8>>>,
 }
 
-/// Decide a chunk's clusters: with a backing file, those that differ from
-/// it (`bb`); else the non-zero ones (all with `-S 0`); compressed with
-/// `z` (`-c`).
+/// Decide a chunk's clusters: the non-zero ones (all with `-S 0`),
+/// compressed with `z` (`-c`).
 fn prepare(
     seq: u64,
     goff: u64,
     data: Data,
-    bb: Option<&[u8]>,
     cs: u64,
     sparse: u64,
     mut z: Option<&mut crate::compress::Compressor>,
@@ -623,11 +619,7 @@ fn prepare(
     let clusters: Vec<&[u8]> = data.bytes().chunks(cs).collect();
     let keep: Vec<bool> = clusters
         .iter()
-        .enumerate()
-        .map(|(i, c)| match bb {
-            Some(b) => **c != b[i * cs..i * cs + c.len()],
-            None => sparse == 0 || !is_zero(c),
-        })
+        .map(|c| sparse == 0 || !is_zero(c))
         .collect();
     let comp = clusters
         .iter()
@@ -860,6 +852,172 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, fas
     })
 }
 
+/// The new image's backing file (`-B`) as its writer asks about it.
+struct BackingChain(Vec<Layer>);
+
+impl vcore::image::qcow2::writer::Backing for BackingChain {
+    fn is_zero(&mut self, off: u64, len: u64) -> Result<bool, String> {
+        let end = (off + len).min(self.0[0].size());
+        let mut at = off;
+        while at < end {
+            let e = status(&mut self.0, at, end - at).map_err(|f| f.msg.unwrap_or_default())?;
+            if !e.zero {
+                return Ok(false);
+            }
+            at += e.length.max(1);
+        }
+        Ok(true)
+    }
+
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        buf.fill(0);
+        let size = self.0[0].size();
+        if off >= size {
+            return Ok(());
+        }
+        let n = ((size - off) as usize).min(buf.len());
+        read_chain(&mut self.0, off, &mut buf[..n]).map_err(|f| f.msg.unwrap_or_default())
+    }
+}
+
+/// Convert into a new qcow2 image with a backing file (`-B`), as qemu-img
+/// does: block status of each source above its own backing file (so an
+/// overlay's unallocated clusters stay unallocated: the new backing file
+/// shows through, as qemu-img assumes it holds what the old one did);
+/// zero extents written as zeroes (zero clusters, as QEMU's zero writes
+/// make them; past the end of the backing file left alone); data extents
+/// in qemu-img's requests (2 MiB, one cluster with `-c`), their zero blocks
+/// of `-S` written as zeroes. The writer places every request as QEMU's
+/// allocator would, copying the backing file into the rest of clusters
+/// written in part.
+#[allow(clippy::too_many_arguments)]
+fn convert_backed(
+    w: &mut vcore::image::qcow2::writer::SeqWriter,
+    sources: &mut [Vec<Layer>],
+    total: u64,
+    bsize: u64,
+    sparse: u64,
+    ctype: Option<u8>,
+    rate: u64,
+    progress: bool,
+) -> Result<(), String> {
+    let cs = w.header().cluster_size();
+    let mut z = ctype.map(crate::compress::Compressor::new);
+    let chunk = if z.is_some() {
+        cs
+    } else {
+        (2u64 << 20).max(cs)
+    };
+    let tbs = bsize.next_multiple_of(512);
+    let blk = if sparse == 0 {
+        0
+    } else {
+        1u64 << (63 - sparse.leading_zeros())
+    };
+    let msg = |f: Failure| f.msg.unwrap_or_default();
+    let mut throttle = Throttle::new(rate);
+    let mut prog = Progress {
+        on: progress,
+        total,
+        last: -1,
+    };
+    let (mut buf, mut probe) = (Vec::new(), Vec::new());
+    let mut base = 0u64;
+    for src in sources.iter_mut() {
+        let size = src[0].size();
+        let has_base = src.len() > 1;
+        let (span, align) = match &src[0] {
+            Layer::Qcow2 { m, .. } => {
+                let h = m.header();
+                (h.cluster_size() * h.l2_entries(), h.cluster_size())
+            }
+            Layer::Raw { .. } => (u64::MAX, 1),
+        };
+        let mut off = 0u64;
+        while off < size {
+            let g = base + off;
+            let post = g >= tbs;
+            let mut cap = (size - off).min(REQ_MAX).min(span - off % span);
+            if !post && g + cap > tbs {
+                cap = tbs - g;
+            }
+            let e = status(&mut src[..1], off, cap).map_err(msg)?;
+            let mut n = e.length.clamp(1, cap);
+            let tail = (off + n) % align;
+            if n > tail {
+                n -= tail;
+            }
+            // (data, zero, shows the backing file)
+            let (mut data, mut zero) = (!e.zero, e.zero && (e.present || !has_base) && !post);
+            if z.is_some() {
+                if n < cs {
+                    n = cs.min(size - off);
+                    (data, zero) = (true, false);
+                } else {
+                    n = n / cs * cs;
+                }
+            }
+            // -S 0: zeroes written as data.
+            let zero_data = zero && sparse == 0;
+            if zero && !zero_data {
+                w.zero(g, n)?;
+            } else if data || zero_data {
+                let mut c = 0u64;
+                while c < n {
+                    let len = (n - c).min(chunk);
+                    let gc = g + c;
+                    buf.clear();
+                    buf.resize(len as usize, 0);
+                    if !zero_data {
+                        read_chain(src, off + c, &mut buf).map_err(msg)?;
+                    }
+                    if let Some(z) = z.as_mut() {
+                        if sparse != 0 && is_zero(&buf) {
+                            w.zero(gc, len)?;
+                        } else {
+                            let mut cl = buf.clone();
+                            cl.resize(cs as usize, 0);
+                            match z.compress(&cl) {
+                                Some(d) => {
+                                    throttle.wait(d.len() as u64);
+                                    w.write_compressed(gc / cs, &d)?;
+                                }
+                                None => {
+                                    throttle.wait(len);
+                                    w.write(gc, &buf)?;
+                                }
+                            }
+                        }
+                    } else if sparse == 0 {
+                        throttle.wait(len);
+                        w.write(gc, &buf)?;
+                    } else {
+                        let runs = window_runs(None, &buf, gc, len, blk, false, &mut probe)
+                            .map_err(|e| e.to_string())?;
+                        let mut at = gc;
+                        for (a, b) in requests(&runs, gc, chunk, sparse) {
+                            if a > at {
+                                w.zero(at, a - at)?;
+                            }
+                            throttle.wait(b - a);
+                            w.write(a, &buf[(a - gc) as usize..(b - gc) as usize])?;
+                            at = b;
+                        }
+                        if at < gc + len {
+                            w.zero(at, gc + len - at)?;
+                        }
+                    }
+                    c += len;
+                }
+            }
+            off += n;
+            prog.at(base + off);
+        }
+        base += size;
+    }
+    Ok(())
+}
+
 /// qemu-img convert's longest block status query (`BDRV_REQUEST_MAX_SECTORS`).
 const REQ_MAX: u64 = (i32::MAX as u64 >> 9) << 9;
 
@@ -874,7 +1032,7 @@ fn window_runs(
     g: u64,
     len: u64,
     blk: u64,
-    fast: &Fast,
+    map: bool,
     probe: &mut Vec<u8>,
 ) -> std::io::Result<Vec<(u64, u64)>> {
     let lead = ((blk - g % blk) % blk).min(len);
@@ -888,7 +1046,7 @@ fn window_runs(
             continue;
         }
         let found = match src {
-            Some((f, h)) => file_runs(f, h + at, n, bk as usize, fast.map, probe)?,
+            Some((f, h)) => file_runs(f, h + at, n, bk as usize, map, probe)?,
             None => {
                 let end = ((at + n) as usize).min(bytes.len());
                 let part = bytes.get(at as usize..end).unwrap_or(&[]);
@@ -1027,7 +1185,7 @@ fn fast_qcow2(
                         vec![(g, g + wn)]
                     } else {
                         let f = plain.map(|(i, h, _)| (&o.opened[i].1, h + ws));
-                        window_runs(f, data, g, wn, blk, fast, &mut probe).map_err(os)?
+                        window_runs(f, data, g, wn, blk, fast.map, &mut probe).map_err(os)?
                     };
                     let reqs = requests(&runs, g0, chunk, sparse.max(1));
                     for (k, &(a, b)) in reqs.iter().enumerate() {

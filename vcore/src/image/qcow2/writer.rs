@@ -31,6 +31,17 @@ pub struct Seg {
     pub len: u64,
 }
 
+/// What the target's backing file reads (`convert -B`): QEMU copies it
+/// into the rest of a new cluster a write covers in part (copy-on-write),
+/// and asks whether it reads as zeroes where it writes zeroes.
+pub trait Backing {
+    /// Whether guest bytes `[off, off + len)` read as zeroes by block
+    /// status (zero past the backing file's end).
+    fn is_zero(&mut self, off: u64, len: u64) -> Result<bool, String>;
+    /// Guest bytes at `off` (zeroes past the end).
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String>;
+}
+
 /// Writer over a fresh image (see module docs).
 pub struct SeqWriter {
     f: File,
@@ -54,6 +65,8 @@ pub struct SeqWriter {
     /// copies the zeroes around a write into a new cluster as data, where
     /// a plain write zeroes them with `fallocate`.
     copy_range: bool,
+    /// The image's backing file (`convert -B`).
+    backing: Option<Box<dyn Backing>>,
 }
 
 fn io(e: std::io::Error) -> String {
@@ -80,7 +93,13 @@ impl SeqWriter {
             held: BTreeMap::new(),
             end,
             copy_range: false,
+            backing: None,
         })
+    }
+
+    /// The image has this backing file (`convert -B`): see [`Backing`].
+    pub fn set_backing(&mut self, b: Box<dyn Backing>) {
+        self.backing = Some(b);
     }
 
     /// Requests are copy offloading's (`convert -C`, see the field).
@@ -152,7 +171,7 @@ impl SeqWriter {
         let (first, last) = (lo / sc, (hi - 1) / sc);
         let bits = (u64::MAX >> (63 - last)) & !((1u64 << first) - 1) & 0xffff_ffff;
         let (d, b) = self.entry(c);
-        self.set_entry(c, d, b | bits);
+        self.set_entry(c, d, (b | bits) & !(bits << 32));
     }
 
     /// Place a write request of `len` bytes at `guest` as QEMU's
@@ -236,7 +255,7 @@ impl SeqWriter {
             }
             // handle_alloc: a run of unallocated clusters.
             let mut k = 1;
-            while k < nb && self.entry(c + k).0 == 0 {
+            while k < nb && self.mapped(c + k).is_none() {
                 k += 1;
             }
             let first = match cluster_offset {
@@ -251,9 +270,38 @@ impl SeqWriter {
                 }
             };
             cur = cur.min(k * cs - start % cs);
+            // What the new clusters read as before (zero flags, the
+            // backing file), for the copy-on-write below.
+            let (ws, we) = (first * cs + start % cs, first * cs + start % cs + cur);
+            let (zs, ze) = if self.h.extended_l2() {
+                let sc = cs / 32;
+                (ws - ws % sc, we.next_multiple_of(sc))
+            } else {
+                (first * cs, (first + k) * cs)
+            };
+            let (gs, ge) = (start - (ws - zs), start + cur + (ze - we));
+            let mut old = Vec::new();
+            let filled = zs == ws && cur == remaining && then >= ge;
+            let cow = (zs < ws || we < ze) && !filled && !self.held(zs, ze - zs);
+            // Past the image's end block status is not "zero": QEMU then
+            // copies the zeroes (explicit data around the write).
+            let past_end = ge > self.h.size.next_multiple_of(512);
+            let zero_cow = cow
+                && !past_end
+                && !self.copy_range
+                && self.target_zero(gs, start - gs)?
+                && self.target_zero(start + cur, ge - start - cur)?;
+            if cow && !zero_cow {
+                for (g, n) in [(gs, start - gs), (start + cur, ge - start - cur)] {
+                    let mut b = vec![0u8; n as usize];
+                    self.old_bytes(g, &mut b)?;
+                    old.push(b);
+                }
+            }
             let bitmap_all = !self.h.extended_l2();
             for i in 0..k {
-                self.set_entry(c + i, ((first + i) * cs) | OFLAG_COPIED, 0);
+                let keep_zero = self.entry(c + i).1 & 0xffff_ffff_0000_0000;
+                self.set_entry(c + i, ((first + i) * cs) | OFLAG_COPIED, keep_zero);
                 if bitmap_all {
                     continue;
                 }
@@ -264,26 +312,15 @@ impl SeqWriter {
             // with `fallocate`): the whole run, or with subclusters the
             // first and last ones written to their ends. Zeroing the gaps
             // alone would leave other extents (ext4 zeroes out small
-            // unwritten pieces when data splits a zeroed range).
-            let (ws, we) = (first * cs + start % cs, first * cs + start % cs + cur);
-            let (zs, ze) = if self.h.extended_l2() {
-                let sc = cs / 32;
-                (ws - ws % sc, we.next_multiple_of(sc))
-            } else {
-                (first * cs, (first + k) * cs)
-            };
-            // Past the image's end block status is not "zero": QEMU then
-            // copies the zeroes (explicit data around the write).
-            let zero_end = start + cur + (ze - we);
-            let past_end = zero_end > self.h.size.next_multiple_of(512);
-            let filled = zs == ws && cur == remaining && then >= zero_end;
-            let cow = (zs < ws || we < ze) && !filled && !self.held(zs, ze - zs);
-            if cow && (past_end || self.copy_range || zero_range(&self.f, zs, ze - zs).is_err()) {
-                for (a, b) in [(zs, ws), (we, ze)] {
-                    self.f
-                        .write_all_at(&vec![0u8; (b - a) as usize], a)
-                        .map_err(io)?;
-                }
+            // unwritten pieces when data splits a zeroed range). Where
+            // the rest does not read as zeroes (a backing file, the image's
+            // end), it is copied.
+            if zero_cow && zero_range(&self.f, zs, ze - zs).is_err() {
+                old = vec![vec![0u8; (ws - zs) as usize], vec![0u8; (ze - we) as usize]];
+            }
+            if !old.is_empty() {
+                self.f.write_all_at(&old[0], zs).map_err(io)?;
+                self.f.write_all_at(&old[1], we).map_err(io)?;
             }
             self.end = self.end.max(ze);
             for i in 0..k {
@@ -298,6 +335,195 @@ impl SeqWriter {
             Some(h) if done > 0 => Ok((h, done)),
             _ => Err("no cluster could be allocated".into()),
         }
+    }
+
+    /// Whether guest `[off, off + len)` reads as zeroes by block status
+    /// (QEMU's `is_zero` on the image being written): zero clusters and
+    /// subclusters do, data does not, the rest asks the backing file.
+    fn target_zero(&mut self, off: u64, len: u64) -> Result<bool, String> {
+        let cs = self.h.cluster_size();
+        let ext = self.h.extended_l2();
+        let unit = if ext { cs / 32 } else { cs };
+        let end = (off + len).min(self.h.size.next_multiple_of(512));
+        let mut at = off;
+        while at < end {
+            let n = (unit - at % unit).min(end - at);
+            let (d, b) = self.entry(at / cs);
+            let sc = (at % cs) / unit;
+            let zero = if d & OFLAG_COMPRESSED != 0 {
+                Some(false)
+            } else if ext {
+                if b >> (32 + sc) & 1 == 1 {
+                    Some(true)
+                } else if b >> sc & 1 == 1 {
+                    Some(false)
+                } else {
+                    None
+                }
+            } else if d & meta::OFLAG_ZERO != 0 {
+                Some(true)
+            } else if d & meta::OFFSET_MASK != 0 {
+                Some(false)
+            } else {
+                None
+            };
+            let z = match zero {
+                Some(z) => z,
+                None => match self.backing.as_mut() {
+                    Some(bk) => bk.is_zero(at, n)?,
+                    None => true,
+                },
+            };
+            if !z {
+                return Ok(false);
+            }
+            at += n;
+        }
+        Ok(true)
+    }
+
+    /// What guest `[off, off + buf.len())` of clusters about to be
+    /// allocated read as: zeroes for zero clusters, else the backing file.
+    fn old_bytes(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        buf.fill(0);
+        let size = self.h.size;
+        if buf.is_empty() || off >= size {
+            return Ok(());
+        }
+        let cs = self.h.cluster_size();
+        let (d, b) = self.entry(off / cs);
+        let zero = if self.h.extended_l2() {
+            b >> 32 == 0xffff_ffff
+        } else {
+            d & meta::OFLAG_ZERO != 0
+        };
+        let n = (buf.len() as u64).min(size - off) as usize;
+        match self.backing.as_mut() {
+            Some(bk) if !zero => bk.read(off, &mut buf[..n]),
+            _ => Ok(()),
+        }
+    }
+
+    /// A zero write request (`blk_co_pwrite_zeroes` with `MAY_UNMAP`), as
+    /// QEMU's block layer and qcow2 driver carry it out on an image with a
+    /// backing file: split at subcluster boundaries; whole (sub)clusters
+    /// become zero clusters (their L2 table allocated where it has none);
+    /// a partial one too if the rest of it reads as zeroes, else (and on
+    /// compat 0.10 images, which have no zero clusters) zeroes are written
+    /// as data, at most 16 MiB at a time (its bounce buffer).
+    pub fn zero(&mut self, guest: u64, len: u64) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        let sc = if self.h.extended_l2() { cs / 32 } else { cs };
+        let max = (i32::MAX as u64) / sc * sc;
+        let (mut off, mut bytes) = (guest, len);
+        let mut head = off % sc;
+        let tail = (off + bytes) % sc;
+        while bytes > 0 {
+            let mut num = bytes;
+            if head != 0 {
+                num = bytes.min(16 << 20).min(sc - head);
+                head = (head + num) % sc;
+            } else if tail != 0 && num > sc {
+                num -= tail;
+            }
+            num = num.min(max);
+            if !self.zero_piece(off, num)? {
+                num = num.min(16 << 20);
+                self.write(off, &vec![0u8; num as usize])?;
+            }
+            off += num;
+            bytes -= num;
+        }
+        Ok(())
+    }
+
+    /// `qcow2_co_pwrite_zeroes`: `false` for QEMU's `-ENOTSUP`.
+    fn zero_piece(&mut self, off: u64, bytes: u64) -> Result<bool, String> {
+        let cs = self.h.cluster_size();
+        let ext = self.h.extended_l2();
+        let sc = if ext { cs / 32 } else { cs };
+        let total = self.h.size.next_multiple_of(512);
+        let head = off % sc;
+        let mut tail = (off + bytes).next_multiple_of(sc) - (off + bytes);
+        if off + bytes == total {
+            tail = 0;
+        }
+        let (mut off, mut bytes) = (off, bytes);
+        if head != 0 || tail != 0 {
+            if !(self.target_zero(off - head, head)? && self.target_zero(off + bytes, tail)?) {
+                return Ok(false);
+            }
+            off -= head;
+            bytes = sc;
+            let (d, b) = self.entry(off / cs);
+            let allocated = if ext {
+                d & OFLAG_COMPRESSED != 0 || b >> ((off % cs) / sc) & 1 == 1
+            } else {
+                d & (OFLAG_COMPRESSED | meta::OFFSET_MASK) != 0
+            };
+            if allocated {
+                return Ok(false);
+            }
+        }
+        self.zeroize(off, bytes)
+    }
+
+    /// `qcow2_subcluster_zeroize` with `MAY_UNMAP` over clusters without
+    /// data (those a convert zeroes).
+    fn zeroize(&mut self, off: u64, bytes: u64) -> Result<bool, String> {
+        if self.h.version < 3 {
+            return Ok(false);
+        }
+        let cs = self.h.cluster_size();
+        let ext = self.h.extended_l2();
+        let sc = if ext { cs / 32 } else { cs };
+        let total = self.h.size.next_multiple_of(512);
+        let end = off + bytes;
+        let head = end.min(off.next_multiple_of(cs)) - off;
+        let mut o = off + head;
+        let tail = if end >= total {
+            0
+        } else {
+            end - o.max(end / cs * cs)
+        };
+        let end = end - tail;
+        if head > 0 {
+            self.zero_subclusters(off, head.div_ceil(sc))?;
+        }
+        let mut nb = end.saturating_sub(o).div_ceil(cs);
+        while nb > 0 {
+            let c = o / cs;
+            self.table_for(c)?;
+            let n = nb.min(self.slice - c % self.slice);
+            for i in c..c + n {
+                let (d, b) = self.entry(i);
+                if ext {
+                    let _ = b;
+                    self.set_entry(i, d, 0xffff_ffff_0000_0000);
+                } else {
+                    self.set_entry(i, d | meta::OFLAG_ZERO, b);
+                }
+            }
+            nb -= n;
+            o += n * cs;
+        }
+        if tail > 0 {
+            self.zero_subclusters(end, tail.div_ceil(sc))?;
+        }
+        Ok(true)
+    }
+
+    /// `zero_l2_subclusters`: `n` subclusters from `off` read as zeroes.
+    fn zero_subclusters(&mut self, off: u64, n: u64) -> Result<(), String> {
+        let cs = self.h.cluster_size();
+        let sc = cs / 32;
+        let c = off / cs;
+        self.table_for(c)?;
+        let first = (off % cs) / sc;
+        let bits = (u64::MAX >> (64 - n)) << first & 0xffff_ffff;
+        let (d, b) = self.entry(c);
+        self.set_entry(c, d, (b | bits << 32) & !bits);
+        Ok(())
     }
 
     /// The bytes of the replaced refcount table that covers cluster `c`,
@@ -371,7 +597,7 @@ impl SeqWriter {
     pub fn write_compressed(&mut self, guest_cluster: u64, comp: &[u8]) -> Result<(), String> {
         let cs = self.h.cluster_size();
         self.table_for(guest_cluster)?;
-        if self.entry(guest_cluster).0 != 0 {
+        if self.entry(guest_cluster).0 & !meta::OFLAG_ZERO != 0 {
             return Err("compressed write into an allocated cluster".into());
         }
         let size = comp.len() as u64;
