@@ -1534,6 +1534,7 @@ fn convert_lays_out_qemus_file() {
         (&["-o", "cluster_size=8k,refcount_bits=64"], &raw),
         (&["-o", "cluster_size=2M"], &raw),
         (&["-o", "extended_l2=on"], &raw),
+        (&["-o", "extended_l2=on,cluster_size=2M"], &raw),
         (&["-o", "compat=0.10,lazy_refcounts=off"], &raw),
         (&["-S", "0"], &raw),
         (&["-S", "64k", "-o", "cluster_size=4k"], &raw),

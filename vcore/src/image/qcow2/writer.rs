@@ -245,6 +245,22 @@ impl SeqWriter {
                     }
                     cur = cur.min(k * cs - start % cs);
                     cluster_offset = Some(hc + start % cs);
+                    // Subclusters written in part that were not allocated
+                    // get the copy-on-write of new clusters.
+                    if self.h.extended_l2() {
+                        let sc = cs / 32;
+                        let unalloc =
+                            |w: &Self, g: u64| w.entry(g / cs).1 >> ((g % cs) / sc) & 1 == 0;
+                        let (g1, mut gs, mut ge) = (start + cur, start, start + cur);
+                        if start % sc != 0 && unalloc(self, start) {
+                            gs = start - start % sc;
+                        }
+                        if g1 % sc != 0 && unalloc(self, g1) {
+                            ge = g1.next_multiple_of(sc);
+                        }
+                        let last = cur == remaining;
+                        self.cow_around(hc, c * cs, gs, start, g1, ge, last, then)?;
+                    }
                     for i in 0..k {
                         self.mark(c + i, start, cur);
                     }
@@ -270,8 +286,8 @@ impl SeqWriter {
                 }
             };
             cur = cur.min(k * cs - start % cs);
-            // What the new clusters read as before (zero flags, the
-            // backing file), for the copy-on-write below.
+            // The rest of the new clusters: what they read as before (zero
+            // clusters, the backing file), see `cow_around`.
             let (ws, we) = (first * cs + start % cs, first * cs + start % cs + cur);
             let (zs, ze) = if self.h.extended_l2() {
                 let sc = cs / 32;
@@ -280,24 +296,21 @@ impl SeqWriter {
                 (first * cs, (first + k) * cs)
             };
             let (gs, ge) = (start - (ws - zs), start + cur + (ze - we));
-            let mut old = Vec::new();
-            let filled = zs == ws && cur == remaining && then >= ge;
-            let cow = (zs < ws || we < ze) && !filled && !self.held(zs, ze - zs);
-            // Past the image's end block status is not "zero": QEMU then
-            // copies the zeroes (explicit data around the write).
-            let past_end = ge > self.h.size.next_multiple_of(512);
-            let zero_cow = cow
-                && !past_end
-                && !self.copy_range
-                && self.target_zero(gs, start - gs)?
-                && self.target_zero(start + cur, ge - start - cur)?;
-            if cow && !zero_cow {
-                for (g, n) in [(gs, start - gs), (start + cur, ge - start - cur)] {
-                    let mut b = vec![0u8; n as usize];
-                    self.old_bytes(g, &mut b)?;
-                    old.push(b);
+            for i in 0..k {
+                if self.held_cluster(first + i).is_some() {
+                    self.held.insert(first + i, vec![0u8; cs as usize]);
                 }
             }
+            self.cow_around(
+                first * cs,
+                c * cs,
+                gs,
+                start,
+                start + cur,
+                ge,
+                cur == remaining,
+                then,
+            )?;
             let bitmap_all = !self.h.extended_l2();
             for i in 0..k {
                 let keep_zero = self.entry(c + i).1 & 0xffff_ffff_0000_0000;
@@ -307,27 +320,7 @@ impl SeqWriter {
                 }
                 self.mark(c + i, start, cur);
             }
-            // New clusters written in part are zeroed first, as QEMU's
-            // `handle_alloc_space` zeroes them (copy-on-write from nothing,
-            // with `fallocate`): the whole run, or with subclusters the
-            // first and last ones written to their ends. Zeroing the gaps
-            // alone would leave other extents (ext4 zeroes out small
-            // unwritten pieces when data splits a zeroed range). Where
-            // the rest does not read as zeroes (a backing file, the image's
-            // end), it is copied.
-            if zero_cow && zero_range(&self.f, zs, ze - zs).is_err() {
-                old = vec![vec![0u8; (ws - zs) as usize], vec![0u8; (ze - we) as usize]];
-            }
-            if !old.is_empty() {
-                self.f.write_all_at(&old[0], zs).map_err(io)?;
-                self.f.write_all_at(&old[1], we).map_err(io)?;
-            }
             self.end = self.end.max(ze);
-            for i in 0..k {
-                if self.held_cluster(first + i).is_some() {
-                    self.held.insert(first + i, vec![0u8; cs as usize]);
-                }
-            }
             cluster_offset = Some(first * cs + start % cs);
         }
         let done = bytes - remaining;
@@ -335,6 +328,53 @@ impl SeqWriter {
             Some(h) if done > 0 => Ok((h, done)),
             _ => Err("no cluster could be allocated".into()),
         }
+    }
+
+    /// Copy-on-write around a write of guest `[g0, g1)` into clusters at
+    /// host `hbase` (for guest `gbase`) whose `[gs, g0)` and `[g1, ge)` it
+    /// does not cover and which did not hold data: zeroed first with
+    /// `fallocate`, as QEMU's `handle_alloc_space` zeroes them, where they
+    /// read as zeroes (not past the image's end, where block status is not
+    /// "zero", nor for `-C`); else their old contents (the backing file's)
+    /// are written. Zeroing the gaps alone after the data would leave other
+    /// extents (ext4 zeroes out small unwritten pieces when data splits a
+    /// zeroed range). Skipped when the next request (`then`, `last`: this
+    /// write ends the request) fills the rest: the file is the same.
+    #[allow(clippy::too_many_arguments)]
+    fn cow_around(
+        &mut self,
+        hbase: u64,
+        gbase: u64,
+        gs: u64,
+        g0: u64,
+        g1: u64,
+        ge: u64,
+        last: bool,
+        then: u64,
+    ) -> Result<(), String> {
+        let host = |g: u64| hbase + g - gbase;
+        let (zs, ze) = (host(gs), host(ge));
+        let filled = gs == g0 && last && then >= ge;
+        if (gs == g0 && g1 == ge) || filled {
+            return Ok(());
+        }
+        let past_end = ge > self.h.size.next_multiple_of(512);
+        let zero = !past_end
+            && !self.copy_range
+            && self.target_zero(gs, g0 - gs)?
+            && self.target_zero(g1, ge - g1)?;
+        // (Held clusters start as zeroes.)
+        if zero && (self.held(zs, ze - zs) || zero_range(&self.f, zs, ze - zs).is_ok()) {
+            return Ok(());
+        }
+        for (a, b) in [(gs, g0), (g1, ge)] {
+            let mut v = vec![0u8; (b - a) as usize];
+            if !zero {
+                self.old_bytes(a, &mut v)?;
+            }
+            self.write_at(host(a), &v)?;
+        }
+        Ok(())
     }
 
     /// Whether guest `[off, off + len)` reads as zeroes by block status
@@ -393,7 +433,7 @@ impl SeqWriter {
         let cs = self.h.cluster_size();
         let (d, b) = self.entry(off / cs);
         let zero = if self.h.extended_l2() {
-            b >> 32 == 0xffff_ffff
+            b >> (32 + (off % cs) / (cs / 32)) & 1 == 1
         } else {
             d & meta::OFLAG_ZERO != 0
         };
