@@ -39,6 +39,12 @@ pub fn is_zero(b: &[u8]) -> bool {
     if !head.iter().all(|&x| x == 0) || !tail.iter().all(|&x| x == 0) {
         return false;
     }
+    // Data is usually told by its first word: one cache line touched per
+    // block, not the four of the first 256-byte step (a 4 KiB-block scan
+    // of 4 GiB misses the cache once per page).
+    if mid.first().is_some_and(|&x| x != 0) {
+        return false;
+    }
     // OR 32 words (256 bytes) at a time: the compiler vectorizes the inner
     // fold; random data leaves after the first block.
     let mut it = mid.chunks_exact(32);
