@@ -1162,7 +1162,7 @@ fn malformed_images_give_clear_errors_never_panics() {
     }
 }
 
-/// kill -9 at random points of convert / convert -c / resize (also with
+/// kill -9 at random points of convert / convert -c / convert -B / resize (also with
 /// preallocation, and shrinking) / snapshot:
 /// qemu-img check must never find corruption (leaks are allowed), and the
 /// data written before the operation stays readable.
@@ -1215,6 +1215,22 @@ fn killed_operations_leave_no_corruption() {
         (
             "convert-qcow2",
             &["convert", "-O", "qcow2", "base.qcow2", "T"],
+        ),
+        (
+            "convert-B",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "src.raw",
+                "T",
+            ],
         ),
         ("resize", &["resize", "T", "+3G"]),
         (
