@@ -852,6 +852,35 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, fas
     })
 }
 
+/// qemu-img convert's block status query at `off` of a source, at most
+/// `max` bytes: capped as qemu-img caps it (`BDRV_REQUEST_MAX_SECTORS`,
+/// the end of the top layer's L2 table) and cut back to the top layer's
+/// cluster; with `top_only`, the status of the top layer alone (above the
+/// source's backing file). The entry and its length.
+fn qemu_extent(
+    src: &mut [Layer],
+    off: u64,
+    max: u64,
+    top_only: bool,
+) -> Result<(crate::map::Entry, u64), String> {
+    let (span, align) = match &src[0] {
+        Layer::Qcow2 { m, .. } => {
+            let h = m.header();
+            (h.cluster_size() * h.l2_entries(), h.cluster_size())
+        }
+        Layer::Raw { .. } => (u64::MAX, 1),
+    };
+    let cap = max.min(REQ_MAX).min(span - off % span);
+    let layers = if top_only { &mut src[..1] } else { src };
+    let e = status(layers, off, cap).map_err(|f| f.msg.unwrap_or_default())?;
+    let mut n = e.length.clamp(1, cap);
+    let tail = (off + n) % align;
+    if n > tail {
+        n -= tail;
+    }
+    Ok((e, n))
+}
+
 /// The new image's backing file (`-B`) as its writer asks about it.
 struct BackingChain(Vec<Layer>);
 
@@ -926,27 +955,16 @@ fn convert_backed(
     for src in sources.iter_mut() {
         let size = src[0].size();
         let has_base = src.len() > 1;
-        let (span, align) = match &src[0] {
-            Layer::Qcow2 { m, .. } => {
-                let h = m.header();
-                (h.cluster_size() * h.l2_entries(), h.cluster_size())
-            }
-            Layer::Raw { .. } => (u64::MAX, 1),
-        };
         let mut off = 0u64;
         while off < size {
             let g = base + off;
             let post = g >= tbs;
-            let mut cap = (size - off).min(REQ_MAX).min(span - off % span);
-            if !post && g + cap > tbs {
-                cap = tbs - g;
-            }
-            let e = status(&mut src[..1], off, cap).map_err(msg)?;
-            let mut n = e.length.clamp(1, cap);
-            let tail = (off + n) % align;
-            if n > tail {
-                n -= tail;
-            }
+            let max = if post {
+                size - off
+            } else {
+                (size - off).min(tbs - g)
+            };
+            let (e, mut n) = qemu_extent(src, off, max, true)?;
             // (data, zero, shows the backing file)
             let (mut data, mut zero) = (!e.zero, e.zero && (e.present || !has_base) && !post);
             if z.is_some() {
@@ -1130,22 +1148,9 @@ fn fast_qcow2(
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
-            let (span, align) = match &src[0] {
-                Layer::Qcow2 { m, .. } => {
-                    let h = m.header();
-                    (h.cluster_size() * h.l2_entries(), h.cluster_size())
-                }
-                Layer::Raw { .. } => (u64::MAX, 1),
-            };
             let mut off = 0u64;
             while off < size {
-                let cap = (size - off).min(REQ_MAX).min(span - off % span);
-                let e = status(src, off, cap).map_err(msg)?;
-                let mut n = e.length.clamp(1, cap);
-                let tail = (off + n) % align;
-                if n > tail {
-                    n -= tail;
-                }
+                let (e, n) = qemu_extent(src, off, size - off, false)?;
                 let g0 = base + off;
                 if e.zero && sparse != 0 {
                     off += n;
