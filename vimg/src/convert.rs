@@ -386,9 +386,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
 
 /// Convert into a freshly created qcow2 image with its writer, which lays
 /// it out as qemu-img does: with a backing file see [`convert_backed`],
-/// uncompressed see [`fast_qcow2`]; with -c a reader thread fills chunks,
-/// compressor threads (one per CPU) compress them and this thread writes
-/// them in order.
+/// uncompressed [`fast_qcow2`], with -c [`compress_parallel`].
 fn convert_seq(
     a: &ConvertArgs,
     sources: &mut [Vec<Layer>],
@@ -398,7 +396,6 @@ fn convert_seq(
     cache: Cache,
     rate: u64,
 ) -> R<()> {
-    use crate::compress::Compressor;
     use vcore::image::qcow2::writer::SeqWriter;
     let oopts = OpenOptions {
         format: Some(Format::Qcow2),
@@ -416,8 +413,6 @@ fn convert_seq(
             "Concatenating sources whose sizes are not multiples of the cluster size is not supported",
         ));
     }
-    // 2 MiB under a rate limit (qemu-img's request size), 8 MiB else.
-    let chunk = (if rate > 0 { 2u64 << 20 } else { 8 << 20 }).max(cs);
     let backing: Option<Vec<Layer>> = match &a.backing {
         Some(b) => {
             let bp = image::resolve_backing(Path::new(dst), b)
@@ -428,14 +423,10 @@ fn convert_seq(
         }
         None => None,
     };
-    let mut throttle = Throttle::new(rate);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
     if a.progress {
         progress(0.0);
     }
+    let werr = |m: String| fail(format!("error while writing to {dst}: {m}"));
     if let Some(bl) = backing {
         let bsize = bl[0].size();
         w.set_backing(Box::new(BackingChain(bl)));
@@ -443,26 +434,44 @@ fn convert_seq(
         convert_backed(
             &mut w, sources, total, bsize, sparse, ctype, rate, a.progress,
         )
-        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-        w.finish(cache.flush)
-            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-        if a.progress {
-            println!("    (100.00/100%)");
-        }
-        return Ok(());
-    }
-    if !a.compress {
+        .map_err(werr)?;
+    } else if !a.compress {
         let fast = Fast::new(a, cache, rate);
         w.set_copy_range(a.copy_range);
-        fast_qcow2(&mut w, sources, total, sparse, &fast)
-            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-        w.finish(cache.flush)
-            .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-        if a.progress {
-            println!("    (100.00/100%)");
-        }
-        return Ok(());
+        fast_qcow2(&mut w, sources, total, sparse, &fast).map_err(werr)?;
+    } else {
+        compress_parallel(a, sources, &mut w, dst, total, sparse, rate)?;
     }
+    w.finish(cache.flush).map_err(werr)?;
+    if a.progress {
+        println!("    (100.00/100%)");
+    }
+    Ok(())
+}
+
+/// `convert -c` into a new qcow2 image without a backing file: a reader
+/// thread fills chunks, compressor threads (one per CPU, each keeping its
+/// compressor) compress their clusters, and this thread writes them in
+/// guest order, one request per cluster as qemu-img writes them.
+fn compress_parallel(
+    a: &ConvertArgs,
+    sources: &mut [Vec<Layer>],
+    w: &mut vcore::image::qcow2::writer::SeqWriter,
+    dst: &str,
+    total: u64,
+    sparse: u64,
+    rate: u64,
+) -> R<()> {
+    use crate::compress::Compressor;
+    let cs = w.header().cluster_size();
+    let ctype = w.header().compression_type;
+    // 2 MiB under a rate limit (qemu-img's request size), 8 MiB else.
+    let chunk = (if rate > 0 { 2u64 << 20 } else { 8 << 20 }).max(cs);
+    let mut throttle = Throttle::new(rate);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
     let mut last_pct = -1i64;
     // Reader thread: (sequence number, guest offset, data); -c only.
     type Chunk = (u64, u64, Data);
@@ -586,13 +595,7 @@ fn convert_seq(
             }
         }
         Ok(())
-    })?;
-    w.finish(cache.flush)
-        .map_err(|m| fail(format!("error while writing to {dst}: {m}")))?;
-    if a.progress {
-        println!("    (100.00/100%)");
-    }
-    Ok(())
+    })
 }
 
 /// A chunk of the generic path, ready to be written: which of its clusters
