@@ -591,6 +591,7 @@ impl SeqWriter {
     pub fn held(&self, host: u64, len: u64) -> bool {
         let cs = self.h.cluster_size();
         len > 0
+            && !(self.held.is_empty() && self.a.old_tables.is_empty())
             && (host / cs..=(host + len - 1) / cs)
                 .any(|c| self.held.contains_key(&c) || self.held_cluster(c).is_some())
     }
