@@ -1600,6 +1600,27 @@ fn convert_lays_out_qemus_file() {
         let _ = std::fs::remove_file(e.p().join("q.qcow2"));
         let _ = std::fs::remove_file(e.p().join("v.qcow2"));
     }
+    // -n into an empty image qemu-img created (larger than the source):
+    // zeroes written as zero clusters (compat 0.10: only L2 tables).
+    let n_cases: &[(&str, &[&str], &[&str])] = &[
+        ("cluster_size=64k", &[], &raw),
+        ("compat=0.10", &[], &raw),
+        ("extended_l2=on", &[], &raw),
+        ("cluster_size=4k", &["-S", "0"], &raw),
+        ("cluster_size=64k", &["--target-is-zero"], &raw),
+        ("cluster_size=64k", &[], &["ov.qcow2"]),
+    ];
+    for (create, opts, from) in n_cases {
+        for t in ["q.qcow2", "v.qcow2"] {
+            let c = e.q(&["create", "-q", "-f", "qcow2", "-o", create, t, "40M"]);
+            assert_eq!(c.rc, 0, "{}", c.stderr);
+        }
+        let args = [&["convert", "-n", "-O", "qcow2"][..], opts, from].concat();
+        let q = e.q(&[&args[..], &["q.qcow2"]].concat());
+        let v = e.v(&[&args[..], &["v.qcow2"]].concat());
+        assert_eq!((q.rc, v.rc), (0, 0), "{create} {args:?}: {}", v.stderr);
+        same_file(&e, &format!("{create} {args:?}"));
+    }
 }
 
 /// `check -r` leaves QEMU's file: leaked clusters freed with a discard

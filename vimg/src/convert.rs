@@ -207,6 +207,14 @@ pub fn run(a: ConvertArgs) -> R<()> {
     if out_fmt == Format::Qcow2 && !a.no_create && !preallocated {
         return convert_seq(&a, &mut sources, dst, total, sparse, cache, rate);
     }
+    if out_fmt == Format::Qcow2
+        && a.no_create
+        && a.backing.is_none()
+        && !a.compress
+        && empty_qcow2(dst)
+    {
+        return convert_seq(&a, &mut sources, dst, total, sparse, cache, rate);
+    }
     if a.compress {
         return Err(fail(
             "Compressed output (-c) needs a new qcow2 target (not -n)",
@@ -249,7 +257,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
         ),
     };
     if a.no_create && target.size() < total {
-        return Err(fail(format!("Target image ({dst}) is too small")));
+        return Err(fail("output file is smaller than input file"));
     }
     // With -B, blocks equal to the backing file's are not copied.
     let mut backing: Option<Vec<Layer>> = match &a.backing {
@@ -385,7 +393,8 @@ pub fn run(a: ConvertArgs) -> R<()> {
 }
 
 /// Convert into a freshly created qcow2 image with its writer, which lays
-/// it out as qemu-img does: with a backing file see [`convert_backed`],
+/// it out as qemu-img does: with a backing file or into an existing empty
+/// image (`-n`) see [`convert_writing_zeroes`],
 /// uncompressed [`fast_qcow2`], with -c [`compress_parallel`].
 fn convert_seq(
     a: &ConvertArgs,
@@ -396,6 +405,8 @@ fn convert_seq(
     cache: Cache,
     rate: u64,
 ) -> R<()> {
+    // -n: an empty image that exists (see `empty_qcow2`).
+    let existing = a.no_create;
     use vcore::image::qcow2::writer::SeqWriter;
     let oopts = OpenOptions {
         format: Some(Format::Qcow2),
@@ -405,6 +416,9 @@ fn convert_seq(
     let tfile = image::open_file(Path::new(dst), &oopts)
         .map_err(|e| fail(crate::common::open_error_text(&e)))?;
     let mut w = SeqWriter::new(tfile).map_err(|m| fail(format!("{dst}: {m}")))?;
+    if existing && w.header().size < total {
+        return Err(fail("output file is smaller than input file"));
+    }
     let cs = w.header().cluster_size();
     let ctype = w.header().compression_type;
     let n_src = sources.len();
@@ -431,8 +445,21 @@ fn convert_seq(
         let bsize = bl[0].size();
         w.set_backing(Box::new(BackingChain(bl)));
         let ctype = a.compress.then_some(ctype);
-        convert_backed(
-            &mut w, sources, total, bsize, sparse, ctype, rate, a.progress,
+        convert_writing_zeroes(
+            &mut w,
+            sources,
+            total,
+            Some(bsize),
+            sparse,
+            ctype,
+            rate,
+            a.progress,
+        )
+        .map_err(werr)?;
+    } else if existing && !a.target_is_zero {
+        let ctype = a.compress.then_some(ctype);
+        convert_writing_zeroes(
+            &mut w, sources, total, None, sparse, ctype, rate, a.progress,
         )
         .map_err(werr)?;
     } else if !a.compress {
@@ -884,6 +911,19 @@ fn qemu_extent(
     Ok((e, n))
 }
 
+/// Whether `dst` is a qcow2 image as `qemu-img create` leaves it, without
+/// a backing file (a target of `-n` the writer can fill as QEMU would:
+/// nothing mapped, no snapshots).
+fn empty_qcow2(dst: &str) -> bool {
+    let Ok(f) = std::fs::OpenOptions::new().read(true).open(dst) else {
+        return false;
+    };
+    vcore::image::qcow2::meta::Header::read(&f).is_ok_and(|h| {
+        h.backing_file.is_none()
+            && h.incompatible & vcore::image::qcow2::meta::INCOMPAT_DATA_FILE == 0
+    }) && vcore::image::qcow2::writer::is_fresh(&f).unwrap_or(false)
+}
+
 /// The new image's backing file (`-B`) as its writer asks about it.
 struct BackingChain(Vec<Layer>);
 
@@ -912,22 +952,23 @@ impl vcore::image::qcow2::writer::Backing for BackingChain {
     }
 }
 
-/// Convert into a new qcow2 image with a backing file (`-B`), as qemu-img
-/// does: block status of each source above its own backing file (so an
-/// overlay's unallocated clusters stay unallocated: the new backing file
-/// shows through, as qemu-img assumes it holds what the old one did);
-/// zero extents written as zeroes (zero clusters, as QEMU's zero writes
-/// make them; past the end of the backing file left alone); data extents
-/// in qemu-img's requests (2 MiB, one cluster with `-c`), their zero blocks
-/// of `-S` written as zeroes. The writer places every request as QEMU's
-/// allocator would, copying the backing file into the rest of clusters
-/// written in part.
+/// Convert into a qcow2 image that does not read as zeroes to qemu-img:
+/// a new one with a backing file (`-B`, `backing`: its size), or an empty
+/// one that exists (`-n`). As qemu-img: with `-B` the block status of each
+/// source above its own backing file (so an overlay's unallocated clusters
+/// stay unallocated: the new backing file shows through, as qemu-img
+/// assumes it holds what the old one did; past the backing file's end
+/// zeroes are left alone); zero extents written as zeroes (zero clusters,
+/// as QEMU's zero writes make them); data extents in qemu-img's requests
+/// (2 MiB, one cluster with `-c`), their zero blocks of `-S` written as
+/// zeroes. The writer places every request as QEMU's allocator would,
+/// copying the backing file into the rest of clusters written in part.
 #[allow(clippy::too_many_arguments)]
-fn convert_backed(
+fn convert_writing_zeroes(
     w: &mut vcore::image::qcow2::writer::SeqWriter,
     sources: &mut [Vec<Layer>],
     total: u64,
-    bsize: u64,
+    backing: Option<u64>,
     sparse: u64,
     ctype: Option<u8>,
     rate: u64,
@@ -940,7 +981,8 @@ fn convert_backed(
     } else {
         (2u64 << 20).max(cs)
     };
-    let tbs = bsize.next_multiple_of(512);
+    let top_only = backing.is_some();
+    let tbs = backing.map_or(u64::MAX, |b| b.next_multiple_of(512));
     let blk = if sparse == 0 {
         0
     } else {
@@ -967,9 +1009,12 @@ fn convert_backed(
             } else {
                 (size - off).min(tbs - g)
             };
-            let (e, mut n) = qemu_extent(src, off, max, true)?;
-            // (data, zero, shows the backing file)
-            let (mut data, mut zero) = (!e.zero, e.zero && (e.present || !has_base) && !post);
+            let (e, mut n) = qemu_extent(src, off, max, top_only)?;
+            // (data, zero; else it shows the backing file)
+            let (mut data, mut zero) = (
+                !e.zero,
+                e.zero && (e.present || !has_base || !top_only) && !post,
+            );
             if z.is_some() {
                 if n < cs {
                     n = cs.min(size - off);

@@ -445,12 +445,13 @@ impl SeqWriter {
     }
 
     /// A zero write request (`blk_co_pwrite_zeroes` with `MAY_UNMAP`), as
-    /// QEMU's block layer and qcow2 driver carry it out on an image with a
-    /// backing file: split at subcluster boundaries; whole (sub)clusters
-    /// become zero clusters (their L2 table allocated where it has none);
-    /// a partial one too if the rest of it reads as zeroes, else (and on
-    /// compat 0.10 images, which have no zero clusters) zeroes are written
-    /// as data, at most 16 MiB at a time (its bounce buffer).
+    /// QEMU's block layer and qcow2 driver carry it out: split at
+    /// subcluster boundaries; whole (sub)clusters become zero clusters
+    /// (their L2 table allocated where it has none); a partial one too if
+    /// the rest of it reads as zeroes, else zeroes are written as data, at
+    /// most 16 MiB at a time (its bounce buffer). Compat 0.10 images have
+    /// no zero clusters: with a backing file zeroes are written as data,
+    /// without one only the L2 tables are allocated.
     pub fn zero(&mut self, guest: u64, len: u64) -> Result<(), String> {
         let cs = self.h.cluster_size();
         let sc = if self.h.extended_l2() { cs / 32 } else { cs };
@@ -509,12 +510,23 @@ impl SeqWriter {
     }
 
     /// `qcow2_subcluster_zeroize` with `MAY_UNMAP` over clusters without
-    /// data (those a convert zeroes).
+    /// data (those a convert zeroes); `false` for QEMU's `-ENOTSUP`.
     fn zeroize(&mut self, off: u64, bytes: u64) -> Result<bool, String> {
-        if self.h.version < 3 {
-            return Ok(false);
-        }
         let cs = self.h.cluster_size();
+        if self.h.version < 3 {
+            if self.backing.is_some() {
+                return Ok(false);
+            }
+            // No zero clusters, but no backing file either: QEMU discards
+            // (`qcow2_cluster_discard`), which leaves unallocated clusters
+            // as they are but allocates their L2 tables.
+            let (mut c, end) = (off / cs, (off + bytes).div_ceil(cs));
+            while c < end {
+                self.table_for(c)?;
+                c += (self.slice - c % self.slice).min(end - c);
+            }
+            return Ok(true);
+        }
         let ext = self.h.extended_l2();
         let sc = if ext { cs / 32 } else { cs };
         let total = self.h.size.next_multiple_of(512);
