@@ -1623,6 +1623,100 @@ fn convert_lays_out_qemus_file() {
     }
 }
 
+/// `convert --salvage` as qemu-img: a compressed cluster whose data is
+/// garbage cannot be read; every sector of it is reported (a warning each,
+/// none with -q) and written as zeroes, the convert succeeds, and the
+/// target is qemu-img's file (raw, qcow2, -c, -B). Without --salvage it
+/// fails; with -C it is refused with qemu-img's message.
+#[test]
+fn convert_salvage_like_qemu_img() {
+    let Some(e) = Env::new() else { return };
+    let mut src = random_bytes(2 << 20, 0x5a1_7a9e);
+    src.extend(b"some compressible text ".repeat(1 << 16));
+    src.resize(6 << 20, 0);
+    std::fs::write(e.p().join("s.raw"), &src).unwrap();
+    assert_eq!(
+        e.q(&["convert", "-c", "-f", "raw", "-O", "qcow2", "s.raw", "z.qcow2"])
+            .rc,
+        0
+    );
+    // The first compressed cluster of the first L2 table: its bytes
+    // overwritten.
+    let mut img = std::fs::read(e.p().join("z.qcow2")).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let cluster_bits = u32::from_be_bytes(img[20..24].try_into().unwrap()) as u64;
+    let l1 = be(&img, 40) as usize;
+    let l2 = (be(&img, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let shift = 62 - (cluster_bits - 8);
+    let entry = (0..(1usize << cluster_bits) / 8)
+        .map(|i| be(&img, l2 + i * 8))
+        .find(|d| d >> 62 & 1 == 1)
+        .expect("a compressed cluster");
+    let at = (entry & ((1u64 << shift) - 1)) as usize;
+    img[at..at + 64].fill(0xff);
+    std::fs::write(e.p().join("bad.qcow2"), &img).unwrap();
+    let bad = e.v(&["convert", "-O", "raw", "bad.qcow2", "v.raw"]);
+    assert_eq!(bad.rc, 1, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("error while reading at byte"),
+        "{}",
+        bad.stderr
+    );
+    for (opts, out) in [
+        (&["-O", "raw"][..], "raw"),
+        (&["-O", "qcow2"][..], "qcow2"),
+        (&["-O", "qcow2", "-c"][..], "qcow2"),
+        (
+            &["-O", "qcow2", "-B", "z.qcow2", "-F", "qcow2"][..],
+            "qcow2",
+        ),
+    ] {
+        let (qf, vf) = (format!("q.{out}"), format!("v.{out}"));
+        let args = [&["convert", "--salvage"][..], opts, &["bad.qcow2"]].concat();
+        let q = e.q(&[&args[..], &[qf.as_str()]].concat());
+        let v = e.v(&[&args[..], &[vf.as_str()]].concat());
+        assert_eq!((q.rc, v.rc), (0, 0), "{args:?}: {}", v.stderr);
+        let warnings = |s: &str| {
+            s.lines()
+                .filter(|l| l.contains("warning: error while reading offset"))
+                .count()
+        };
+        assert!(warnings(&q.stderr) > 0);
+        assert_eq!(
+            warnings(&q.stderr),
+            warnings(&v.stderr),
+            "{args:?}: {}",
+            v.stderr
+        );
+        assert_eq!(
+            std::fs::read(e.p().join(&qf)).unwrap(),
+            std::fs::read(e.p().join(&vf)).unwrap(),
+            "{args:?}: not qemu-img's file"
+        );
+        let _ = std::fs::remove_file(e.p().join(&qf));
+        let _ = std::fs::remove_file(e.p().join(&vf));
+    }
+    let quiet = e.v(&[
+        "convert",
+        "-q",
+        "--salvage",
+        "-O",
+        "raw",
+        "bad.qcow2",
+        "v.raw",
+    ]);
+    assert_eq!((quiet.rc, quiet.stderr.as_str()), (0, ""));
+    e.same(&[
+        "convert",
+        "-C",
+        "--salvage",
+        "-O",
+        "raw",
+        "bad.qcow2",
+        "x.raw",
+    ]);
+}
+
 /// `check -r` leaves QEMU's file: leaked clusters freed with a discard
 /// (their space goes back, as QEMU's `DISCARD_ALWAYS`), a missing refcount
 /// rebuilt into new structures, a refcount too high lowered.

@@ -170,6 +170,10 @@ pub enum Cmd {
         /// without zero detection; not with -c or -S.
         #[arg(short = 'C')]
         copy_range: bool,
+        /// Go on after read errors: the sectors that cannot be read are
+        /// written as zeroes, each with a warning (not with -C).
+        #[arg(long = "salvage")]
+        salvage: bool,
         /// Source image and target file.
         #[arg(num_args = 2..)]
         files: Vec<String>,
@@ -377,6 +381,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             target_is_zero,
             rate_limit,
             copy_range,
+            salvage,
             files,
         } => crate::convert::run(crate::convert::ConvertArgs {
             fmt,
@@ -395,6 +400,7 @@ fn dispatch(cmd: Cmd) -> R<i32> {
             target_is_zero,
             rate_limit,
             copy_range,
+            salvage: salvage.then_some(!quiet),
             files,
         })
         .map(|_| 0),

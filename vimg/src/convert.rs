@@ -39,6 +39,9 @@ pub struct ConvertArgs {
     pub rate_limit: Option<String>,
     /// `-C`: copy offloading (data extents copied whole, no zero scan).
     pub copy_range: bool,
+    /// `--salvage`: unreadable sectors become zeroes; `Some(true)` warns
+    /// about each (not with `-q`).
+    pub salvage: Option<bool>,
     pub files: Vec<String>,
 }
 
@@ -106,6 +109,9 @@ pub fn run(a: ConvertArgs) -> R<()> {
     }
     if a.sparse.is_some() && a.copy_range {
         return Err(fail("Cannot enable copy offloading when -S is used"));
+    }
+    if a.copy_range && a.salvage.is_some() {
+        return Err(fail("Cannot use copy offloading in salvaging mode"));
     }
     if a.no_create && !a.opts.is_empty() {
         return Err(fail("-o has no effect when skipping image creation"));
@@ -308,7 +314,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
                     }
                     let mut buf = pool_rx.try_recv().unwrap_or_default();
                     buf.resize(n, 0);
-                    if let Err(e) = read_chain(src, off, &mut buf) {
+                    if let Err(e) = read_src(src, off, &mut buf, a.salvage) {
                         let _ = tx.send(Err(fail(format!(
                             "error while reading at byte {}: {}",
                             off,
@@ -454,12 +460,13 @@ fn convert_seq(
             ctype,
             rate,
             a.progress,
+            a.salvage,
         )
         .map_err(werr)?;
     } else if existing && !a.target_is_zero {
         let ctype = a.compress.then_some(ctype);
         convert_writing_zeroes(
-            &mut w, sources, total, None, sparse, ctype, rate, a.progress,
+            &mut w, sources, total, None, sparse, ctype, rate, a.progress, a.salvage,
         )
         .map_err(werr)?;
     } else if !a.compress {
@@ -505,6 +512,7 @@ fn compress_parallel(
     let (tx, rx) = std::sync::mpsc::sync_channel::<R<Chunk>>(threads + 1);
     let map = !a.force_share;
     let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let salvage = a.salvage;
     std::thread::scope(|sc| -> R<()> {
         sc.spawn(move || {
             let mut base = 0u64;
@@ -527,7 +535,7 @@ fn compress_parallel(
                             let mut buf = pool_rx.try_recv().unwrap_or_default();
                             buf.clear();
                             buf.resize(n.next_multiple_of(cs as usize), 0);
-                            if let Err(e) = read_chain(src, off, &mut buf[..n]) {
+                            if let Err(e) = read_src(src, off, &mut buf[..n], salvage) {
                                 let _ = tx.send(Err(e));
                                 return;
                             }
@@ -768,6 +776,32 @@ impl Progress {
     }
 }
 
+/// Read source bytes (the whole chain). With `--salvage` (`salvage`:
+/// whether to warn) a read that fails is done again sector by sector and
+/// the sectors that fail read as zeroes, each with a warning, as
+/// qemu-img's `convert_co_read` does.
+fn read_src(src: &mut [Layer], off: u64, buf: &mut [u8], salvage: Option<bool>) -> R<()> {
+    let Err(e) = read_chain(src, off, buf) else {
+        return Ok(());
+    };
+    let Some(warn) = salvage else {
+        return Err(e);
+    };
+    for (i, sec) in buf.chunks_mut(512).enumerate() {
+        let at = off + i as u64 * 512;
+        if let Err(e) = read_chain(src, at, sec) {
+            if warn {
+                eprintln!(
+                    "vimg: warning: error while reading offset {at}: {}",
+                    e.msg.unwrap_or_default()
+                );
+            }
+            sec.fill(0);
+        }
+    }
+    Ok(())
+}
+
 fn read_err(at: u64, f: Failure) -> Failure {
     fail(format!(
         "error while reading at byte {at}: {}",
@@ -796,6 +830,8 @@ struct Fast {
     /// Zero blocks inside plain data extents are looked for (not with
     /// `-C`, which copies them whole as qemu-img's copy offloading does).
     scan: bool,
+    /// `--salvage` (see [`read_src`]).
+    salvage: Option<bool>,
 }
 
 impl Fast {
@@ -806,6 +842,7 @@ impl Fast {
             rate,
             map: !a.force_share,
             scan: !a.copy_range,
+            salvage: a.salvage,
         }
     }
 }
@@ -864,7 +901,7 @@ fn fast_raw(sources: &mut [Vec<Layer>], dst: &File, sparse: u64, total: u64, fas
                     } else {
                         n = n.min(CHUNK);
                         buf.resize(n as usize, 0);
-                        read_chain(src, off, &mut buf).map_err(|f| read_err(off, f))?;
+                        read_src(src, off, &mut buf, fast.salvage).map_err(|f| read_err(off, f))?;
                         for (a, b) in nonzero_runs(&buf, blk) {
                             let at = base + off + a as u64;
                             pool.throttle((b - a) as u64);
@@ -973,6 +1010,7 @@ fn convert_writing_zeroes(
     ctype: Option<u8>,
     rate: u64,
     progress: bool,
+    salvage: Option<bool>,
 ) -> Result<(), String> {
     let cs = w.header().cluster_size();
     let mut z = ctype.map(crate::compress::Compressor::new);
@@ -1035,7 +1073,7 @@ fn convert_writing_zeroes(
                     buf.clear();
                     buf.resize(len as usize, 0);
                     if !zero_data {
-                        read_chain(src, off + c, &mut buf).map_err(msg)?;
+                        read_src(src, off + c, &mut buf, salvage).map_err(msg)?;
                     }
                     if let Some(z) = z.as_mut() {
                         if sparse != 0 && is_zero(&buf) {
@@ -1229,7 +1267,7 @@ fn fast_qcow2(
                     let data: &[u8] = if plain.is_none() && !e.zero {
                         buf.clear();
                         buf.resize(wn as usize, 0);
-                        read_chain(src, off + ws, &mut buf).map_err(msg)?;
+                        read_src(src, off + ws, &mut buf, fast.salvage).map_err(msg)?;
                         &buf
                     } else {
                         &[]
