@@ -399,9 +399,9 @@ pub fn run(a: ConvertArgs) -> R<()> {
 }
 
 /// Convert into a freshly created qcow2 image with its writer, which lays
-/// it out as qemu-img does: with a backing file or into an existing empty
-/// image (`-n`) see [`convert_writing_zeroes`],
-/// uncompressed [`fast_qcow2`], with -c [`compress_parallel`].
+/// it out as qemu-img does: [`fast_qcow2`], with -c [`compress_parallel`],
+/// or with -c into a target that does not read as zeroes (-B, -n)
+/// [`convert_writing_zeroes`].
 fn convert_seq(
     a: &ConvertArgs,
     sources: &mut [Vec<Layer>],
@@ -447,34 +447,29 @@ fn convert_seq(
         progress(0.0);
     }
     let werr = |m: String| fail(format!("error while writing to {dst}: {m}"));
+    let fast = Fast::new(a, cache, rate);
+    // A target that does not read as zeroes to qemu-img: -B, or -n without
+    // --target-is-zero.
+    let zeroes = match &backing {
+        Some(bl) => Some(Zeroes {
+            backing: Some(bl[0].size()),
+        }),
+        None if existing && !a.target_is_zero => Some(Zeroes { backing: None }),
+        None => None,
+    };
     if let Some(bl) = backing {
-        let bsize = bl[0].size();
         w.set_backing(Box::new(BackingChain(bl)));
-        let ctype = a.compress.then_some(ctype);
-        convert_writing_zeroes(
-            &mut w,
-            sources,
-            total,
-            Some(bsize),
-            sparse,
-            ctype,
-            rate,
-            a.progress,
-            a.salvage,
+    }
+    match (zeroes, a.compress) {
+        (z, false) => {
+            w.set_copy_range(a.copy_range);
+            fast_qcow2(&mut w, sources, total, sparse, &fast, z).map_err(werr)?;
+        }
+        (Some(z), true) => convert_writing_zeroes(
+            &mut w, sources, total, z.backing, sparse, ctype, rate, a.progress, a.salvage,
         )
-        .map_err(werr)?;
-    } else if existing && !a.target_is_zero {
-        let ctype = a.compress.then_some(ctype);
-        convert_writing_zeroes(
-            &mut w, sources, total, None, sparse, ctype, rate, a.progress, a.salvage,
-        )
-        .map_err(werr)?;
-    } else if !a.compress {
-        let fast = Fast::new(a, cache, rate);
-        w.set_copy_range(a.copy_range);
-        fast_qcow2(&mut w, sources, total, sparse, &fast).map_err(werr)?;
-    } else {
-        compress_parallel(a, sources, &mut w, dst, total, sparse, rate)?;
+        .map_err(werr)?,
+        (None, true) => compress_parallel(a, sources, &mut w, dst, total, sparse, rate)?,
     }
     w.finish(cache.flush).map_err(werr)?;
     if a.progress {
@@ -989,16 +984,17 @@ impl vcore::image::qcow2::writer::Backing for BackingChain {
     }
 }
 
-/// Convert into a qcow2 image that does not read as zeroes to qemu-img:
-/// a new one with a backing file (`-B`, `backing`: its size), or an empty
-/// one that exists (`-n`). As qemu-img: with `-B` the block status of each
+/// Convert with `-c` into a qcow2 image that does not read as zeroes to
+/// qemu-img: a new one with a backing file (`-B`, `backing`: its size), or
+/// an empty one that exists (`-n`); without `-c`, [`fast_qcow2`] does the
+/// same with [`Zeroes`]. As qemu-img: with `-B` the block status of each
 /// source above its own backing file (so an overlay's unallocated clusters
 /// stay unallocated: the new backing file shows through, as qemu-img
 /// assumes it holds what the old one did; past the backing file's end
 /// zeroes are left alone); zero extents written as zeroes (zero clusters,
-/// as QEMU's zero writes make them); data extents in qemu-img's requests
-/// (2 MiB, one cluster with `-c`), their zero blocks of `-S` written as
-/// zeroes. The writer places every request as QEMU's allocator would,
+/// as QEMU's zero writes make them); data extents cluster by cluster,
+/// compressed, zero clusters written as zeroes. The writer places every
+/// request as QEMU's allocator would,
 /// copying the backing file into the rest of clusters written in part.
 #[allow(clippy::too_many_arguments)]
 fn convert_writing_zeroes(
@@ -1007,25 +1003,15 @@ fn convert_writing_zeroes(
     total: u64,
     backing: Option<u64>,
     sparse: u64,
-    ctype: Option<u8>,
+    ctype: u8,
     rate: u64,
     progress: bool,
     salvage: Option<bool>,
 ) -> Result<(), String> {
     let cs = w.header().cluster_size();
-    let mut z = ctype.map(crate::compress::Compressor::new);
-    let chunk = if z.is_some() {
-        cs
-    } else {
-        (2u64 << 20).max(cs)
-    };
+    let mut z = crate::compress::Compressor::new(ctype);
     let top_only = backing.is_some();
     let tbs = backing.map_or(u64::MAX, |b| b.next_multiple_of(512));
-    let blk = if sparse == 0 {
-        0
-    } else {
-        1u64 << (63 - sparse.leading_zeros())
-    };
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let mut throttle = Throttle::new(rate);
     let mut prog = Progress {
@@ -1033,7 +1019,7 @@ fn convert_writing_zeroes(
         total,
         last: -1,
     };
-    let (mut buf, mut probe) = (Vec::new(), Vec::new());
+    let mut buf = Vec::new();
     let mut base = 0u64;
     for src in sources.iter_mut() {
         let size = src[0].size();
@@ -1048,18 +1034,17 @@ fn convert_writing_zeroes(
                 (size - off).min(tbs - g)
             };
             let (e, mut n) = qemu_extent(src, off, max, top_only)?;
-            // (data, zero; else it shows the backing file)
+            // (data, zero; else it shows the backing file); one cluster
+            // at least, whole clusters (qemu-img's rule for -c).
             let (mut data, mut zero) = (
                 !e.zero,
                 e.zero && (e.present || !has_base || !top_only) && !post,
             );
-            if z.is_some() {
-                if n < cs {
-                    n = cs.min(size - off);
-                    (data, zero) = (true, false);
-                } else {
-                    n = n / cs * cs;
-                }
+            if n < cs {
+                n = cs.min(size - off);
+                (data, zero) = (true, false);
+            } else {
+                n = n / cs * cs;
             }
             // -S 0: zeroes written as data.
             let zero_data = zero && sparse == 0;
@@ -1068,47 +1053,27 @@ fn convert_writing_zeroes(
             } else if data || zero_data {
                 let mut c = 0u64;
                 while c < n {
-                    let len = (n - c).min(chunk);
+                    let len = (n - c).min(cs);
                     let gc = g + c;
                     buf.clear();
                     buf.resize(len as usize, 0);
                     if !zero_data {
                         read_src(src, off + c, &mut buf, salvage).map_err(msg)?;
                     }
-                    if let Some(z) = z.as_mut() {
-                        if sparse != 0 && is_zero(&buf) {
-                            w.zero(gc, len)?;
-                        } else {
-                            let mut cl = buf.clone();
-                            cl.resize(cs as usize, 0);
-                            match z.compress(&cl) {
-                                Some(d) => {
-                                    throttle.wait(d.len() as u64);
-                                    w.write_compressed(gc / cs, &d)?;
-                                }
-                                None => {
-                                    throttle.wait(len);
-                                    w.write(gc, &buf)?;
-                                }
-                            }
-                        }
-                    } else if sparse == 0 {
-                        throttle.wait(len);
-                        w.write(gc, &buf)?;
+                    if sparse != 0 && is_zero(&buf) {
+                        w.zero(gc, len)?;
                     } else {
-                        let runs = window_runs(None, &buf, gc, len, blk, false, &mut probe)
-                            .map_err(|e| e.to_string())?;
-                        let mut at = gc;
-                        for (a, b) in requests(&runs, gc, chunk, sparse) {
-                            if a > at {
-                                w.zero(at, a - at)?;
+                        let mut cl = buf.clone();
+                        cl.resize(cs as usize, 0);
+                        match z.compress(&cl) {
+                            Some(d) => {
+                                throttle.wait(d.len() as u64);
+                                w.write_compressed(gc / cs, &d)?;
                             }
-                            throttle.wait(b - a);
-                            w.write(a, &buf[(a - gc) as usize..(b - gc) as usize])?;
-                            at = b;
-                        }
-                        if at < gc + len {
-                            w.zero(at, gc + len - at)?;
+                            None => {
+                                throttle.wait(len);
+                                w.write(gc, &buf)?;
+                            }
                         }
                     }
                     c += len;
@@ -1185,10 +1150,13 @@ fn requests(runs: &[(u64, u64)], origin: u64, chunk: u64, sparse: u64) -> Vec<(u
     out
 }
 
-/// Convert into a fresh qcow2 image (uncompressed, no backing), laid out
-/// as qemu-img lays it out: the extents of its block status queries
-/// (capped as qemu-img caps them: at the end of the top layer's L2 table,
-/// and cut to its clusters), zero ones skipped (written with `-S 0`),
+/// Convert into a qcow2 image without -c, laid out as qemu-img lays it
+/// out: the extents of its block status queries (capped as qemu-img caps
+/// them: at the end of the top layer's L2 table, and cut to its clusters;
+/// with -B above the source's backing file, see [`convert_writing_zeroes`]),
+/// zero ones skipped (written with `-S 0`, and as zero writes when the
+/// target does not read as zeroes: [`Zeroes`], with the zero blocks of the
+/// data requests' chunks),
 /// data ones cut into qemu-img's requests (2 MiB from the extent's start)
 /// and each request into its runs of non-zero `-S` blocks; every request
 /// is placed by the writer's replay of QEMU's allocator, and its pieces
@@ -1201,7 +1169,12 @@ fn fast_qcow2(
     total: u64,
     sparse: u64,
     fast: &Fast,
+    zeroes: Option<Zeroes>,
 ) -> Result<(), String> {
+    let top_only = zeroes.is_some_and(|z| z.backing.is_some());
+    let tbs = zeroes
+        .and_then(|z| z.backing)
+        .map_or(u64::MAX, |b| b.next_multiple_of(512));
     let cs = w.header().cluster_size();
     let chunk = (2u64 << 20).max(cs);
     // -S 0 and -C: requests are whole; else blocks of -S bytes (a power
@@ -1234,11 +1207,28 @@ fn fast_qcow2(
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
+            let has_base = src.len() > 1;
             let mut off = 0u64;
             while off < size {
-                let (e, n) = qemu_extent(src, off, size - off, false)?;
                 let g0 = base + off;
-                if e.zero && sparse != 0 {
+                let post = g0 >= tbs;
+                let max = if post {
+                    size - off
+                } else {
+                    (size - off).min(tbs - g0)
+                };
+                let (e, n) = qemu_extent(src, off, max, top_only)?;
+                // Zeroes to write (a target that does not read as zeroes),
+                // else nothing to do (or, with -S 0, zeroes as data below).
+                let zero =
+                    zeroes.is_some() && e.zero && (e.present || !has_base || !top_only) && !post;
+                if e.zero && (sparse != 0 || (zeroes.is_some() && !zero)) {
+                    if zero {
+                        if let Some((pa, pb, i, h, l)) = held.take() {
+                            o.emit(w, pa, pb, 0, Source::Plain(i, h, l))?;
+                        }
+                        w.zero(g0, n)?;
+                    }
                     off += n;
                     prog.at(base + off);
                     continue;
@@ -1279,10 +1269,20 @@ fn fast_qcow2(
                         window_runs(f, data, g, wn, blk, fast.map, &mut probe).map_err(os)?
                     };
                     let reqs = requests(&runs, g0, chunk, sparse.max(1));
-                    for (k, &(a, b)) in reqs.iter().enumerate() {
+                    // With zeroes to write: the rest of each request's
+                    // chunk, as zero requests (`false`) between the data.
+                    let reqs = match zeroes {
+                        Some(_) if !whole => with_gaps(&reqs, g0, g, g + wn, chunk),
+                        _ => reqs.into_iter().map(|(a, b)| (a, b, true)).collect(),
+                    };
+                    for (k, &(a, b, is_data)) in reqs.iter().enumerate() {
                         if let Some((pa, pb, i, h, l)) = held.take() {
-                            let then = if a == pb { b } else { 0 };
+                            let then = if is_data && a == pb { b } else { 0 };
                             o.emit(w, pa, pb, then, Source::Plain(i, h, l))?;
+                        }
+                        if !is_data {
+                            w.zero(a, b - a)?;
+                            continue;
                         }
                         let from = match plain {
                             _ if e.zero => Source::Zero,
@@ -1293,7 +1293,7 @@ fn fast_qcow2(
                             None => Source::Buf(&data[(a - g) as usize..(b - g) as usize]),
                         };
                         let then = match reqs.get(k + 1) {
-                            Some(&(c, d)) if c == b => d,
+                            Some(&(c, d, true)) if c == b => d,
                             _ => 0,
                         };
                         o.emit(w, a, b, then, from)?;
@@ -1310,6 +1310,50 @@ fn fast_qcow2(
         }
         o.finish()
     })
+}
+
+/// A target that does not read as zeroes to qemu-img (see
+/// [`convert_writing_zeroes`]): a new one with a backing file of this size
+/// (`-B`), or one that exists (`-n`, `backing: None`).
+#[derive(Clone, Copy)]
+struct Zeroes {
+    backing: Option<u64>,
+}
+
+/// Data requests (from [`requests`]) within `[from, to)` of an extent
+/// that starts at `origin`, with the rest of each request's chunk as zero
+/// requests: `(start, end, is data)` in order, as qemu-img's
+/// `convert_co_write` splits a chunk into writes and zero writes.
+fn with_gaps(
+    reqs: &[(u64, u64)],
+    origin: u64,
+    from: u64,
+    to: u64,
+    chunk: u64,
+) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::new();
+    let mut r = reqs.iter().peekable();
+    let mut c = from;
+    while c < to {
+        let ce = (origin + ((c - origin) / chunk + 1) * chunk).min(to);
+        let mut at = c;
+        while let Some(&&(a, b)) = r.peek() {
+            if a >= ce {
+                break;
+            }
+            if a > at {
+                out.push((at, a, false));
+            }
+            out.push((a, b, true));
+            at = b;
+            r.next();
+        }
+        if at < ce {
+            out.push((at, ce, false));
+        }
+        c = ce;
+    }
+    out
 }
 
 /// Where the bytes of a request of [`fast_qcow2`] come from.
