@@ -68,6 +68,13 @@ impl Cache {
 
 const CHUNK: u64 = 2 << 20;
 
+/// The progress line's last state, `-p`.
+fn progress_done(on: bool) {
+    if on {
+        println!("    (100.00/100%)");
+    }
+}
+
 fn progress(p: f64) {
     print!("    ({p:.2}/100%)\r");
     let _ = std::io::stdout().flush();
@@ -247,9 +254,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
                 ))
             })?;
         }
-        if a.progress {
-            println!("    (100.00/100%)");
-        }
+        progress_done(a.progress);
         return Ok(());
     }
     let target: Box<dyn BlockDevice> = match out_fmt {
@@ -392,9 +397,7 @@ pub fn run(a: ConvertArgs) -> R<()> {
             .map_err(|e| fail(format!("error while flushing {dst}: {e}")))?;
     }
     drop(target);
-    if a.progress {
-        println!("    (100.00/100%)");
-    }
+    progress_done(a.progress);
     Ok(())
 }
 
@@ -472,9 +475,7 @@ fn convert_seq(
         (None, true) => compress_parallel(a, sources, &mut w, dst, total, sparse, rate)?,
     }
     w.finish(cache.flush).map_err(werr)?;
-    if a.progress {
-        println!("    (100.00/100%)");
-    }
+    progress_done(a.progress);
     Ok(())
 }
 
@@ -1010,8 +1011,6 @@ fn convert_writing_zeroes(
 ) -> Result<(), String> {
     let cs = w.header().cluster_size();
     let mut z = crate::compress::Compressor::new(ctype);
-    let top_only = backing.is_some();
-    let tbs = backing.map_or(u64::MAX, |b| b.next_multiple_of(512));
     let msg = |f: Failure| f.msg.unwrap_or_default();
     let mut throttle = Throttle::new(rate);
     let mut prog = Progress {
@@ -1023,23 +1022,13 @@ fn convert_writing_zeroes(
     let mut base = 0u64;
     for src in sources.iter_mut() {
         let size = src[0].size();
-        let has_base = src.len() > 1;
         let mut off = 0u64;
         while off < size {
             let g = base + off;
-            let post = g >= tbs;
-            let max = if post {
-                size - off
-            } else {
-                (size - off).min(tbs - g)
-            };
-            let (e, mut n) = qemu_extent(src, off, max, top_only)?;
+            let (e, mut n, zero) = target_extent(src, off, g, Some(Zeroes { backing }))?;
             // (data, zero; else it shows the backing file); one cluster
             // at least, whole clusters (qemu-img's rule for -c).
-            let (mut data, mut zero) = (
-                !e.zero,
-                e.zero && (e.present || !has_base || !top_only) && !post,
-            );
+            let (mut data, mut zero) = (!e.zero, zero);
             if n < cs {
                 n = cs.min(size - off);
                 (data, zero) = (true, false);
@@ -1171,10 +1160,6 @@ fn fast_qcow2(
     fast: &Fast,
     zeroes: Option<Zeroes>,
 ) -> Result<(), String> {
-    let top_only = zeroes.is_some_and(|z| z.backing.is_some());
-    let tbs = zeroes
-        .and_then(|z| z.backing)
-        .map_or(u64::MAX, |b| b.next_multiple_of(512));
     let cs = w.header().cluster_size();
     let chunk = (2u64 << 20).max(cs);
     // -S 0 and -C: requests are whole; else blocks of -S bytes (a power
@@ -1207,21 +1192,13 @@ fn fast_qcow2(
         let mut base = 0u64;
         for src in sources.iter_mut() {
             let size = src[0].size();
-            let has_base = src.len() > 1;
             let mut off = 0u64;
             while off < size {
                 let g0 = base + off;
-                let post = g0 >= tbs;
-                let max = if post {
-                    size - off
-                } else {
-                    (size - off).min(tbs - g0)
-                };
-                let (e, n) = qemu_extent(src, off, max, top_only)?;
-                // Zeroes to write (a target that does not read as zeroes),
-                // else nothing to do (or, with -S 0, zeroes as data below).
-                let zero =
-                    zeroes.is_some() && e.zero && (e.present || !has_base || !top_only) && !post;
+                // `zero`: zeroes to write (a target that does not read as
+                // zeroes), else nothing to do (or, with -S 0, zeroes as
+                // data below).
+                let (e, n, zero) = target_extent(src, off, g0, zeroes)?;
                 if e.zero && (sparse != 0 || (zeroes.is_some() && !zero)) {
                     if zero {
                         if let Some((pa, pb, i, h, l)) = held.take() {
@@ -1318,6 +1295,34 @@ fn fast_qcow2(
 #[derive(Clone, Copy)]
 struct Zeroes {
     backing: Option<u64>,
+}
+
+/// [`qemu_extent`] at `off` of a source (guest offset `g`) for a target
+/// as `zeroes` says: with -B above the source's backing file, and not past
+/// the backing file's end. Also whether the extent is to be written as
+/// zeroes (a zero extent of a target that does not read as zeroes, not
+/// past the backing file's end, not where it shows through).
+fn target_extent(
+    src: &mut [Layer],
+    off: u64,
+    g: u64,
+    zeroes: Option<Zeroes>,
+) -> Result<(crate::map::Entry, u64, bool), String> {
+    let size = src[0].size();
+    let has_base = src.len() > 1;
+    let top_only = zeroes.is_some_and(|z| z.backing.is_some());
+    let tbs = zeroes
+        .and_then(|z| z.backing)
+        .map_or(u64::MAX, |b| b.next_multiple_of(512));
+    let post = g >= tbs;
+    let max = if post {
+        size - off
+    } else {
+        (size - off).min(tbs - g)
+    };
+    let (e, n) = qemu_extent(src, off, max, top_only)?;
+    let zero = zeroes.is_some() && e.zero && (e.present || !has_base || !top_only) && !post;
+    Ok((e, n, zero))
 }
 
 /// Data requests (from [`requests`]) within `[from, to)` of an extent
