@@ -1534,6 +1534,24 @@ fn convert_lays_out_qemus_file() {
             .rc,
         0
     );
+    // A backing file larger than the sources, with data past their end
+    // in their last cluster (copied into it, as QEMU's copy-on-write reads
+    // through the image).
+    std::fs::write(e.p().join("big.raw"), rnd.repeat(7)).unwrap();
+    std::fs::write(e.p().join("tail.raw"), &rnd[4096..(1 << 20) + 5632]).unwrap();
+    assert_eq!(
+        e.q(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "big.raw",
+            "big.qcow2"
+        ])
+        .rc,
+        0
+    );
     e.io(
         "ov.qcow2",
         &[
@@ -1589,6 +1607,14 @@ fn convert_lays_out_qemus_file() {
         (
             &["-B", "s4k.qcow2", "-F", "qcow2", "-o", "cluster_size=512"],
             &raw,
+        ),
+        (
+            &["-B", "big.qcow2", "-F", "qcow2"],
+            &["-f", "raw", "tail.raw"],
+        ),
+        (
+            &["-B", "big.qcow2", "-F", "qcow2", "-c"],
+            &["-f", "raw", "tail.raw"],
         ),
     ];
     for (opts, from) in cases {

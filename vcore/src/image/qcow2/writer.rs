@@ -426,8 +426,7 @@ impl SeqWriter {
     /// allocated read as: zeroes for zero clusters, else the backing file.
     fn old_bytes(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
         buf.fill(0);
-        let size = self.h.size;
-        if buf.is_empty() || off >= size {
+        if buf.is_empty() {
             return Ok(());
         }
         let cs = self.h.cluster_size();
@@ -437,9 +436,10 @@ impl SeqWriter {
         } else {
             d & meta::OFLAG_ZERO != 0
         };
-        let n = (buf.len() as u64).min(size - off) as usize;
+        // Also past the image's end, up to the cluster's: QEMU reads the
+        // copy-on-write through the image, which reads the backing file.
         match self.backing.as_mut() {
-            Some(bk) if !zero => bk.read(off, &mut buf[..n]),
+            Some(bk) if !zero => bk.read(off, buf),
             _ => Ok(()),
         }
     }
