@@ -1616,6 +1616,11 @@ fn convert_lays_out_qemus_file() {
             &["-B", "big.qcow2", "-F", "qcow2", "-c"],
             &["-f", "raw", "tail.raw"],
         ),
+        // -o backing_file/backing_fmt: a target with a backing file, as -B.
+        (
+            &["-o", "backing_file=s.qcow2,backing_fmt=qcow2"],
+            &["ov.qcow2"],
+        ),
     ];
     for (opts, from) in cases {
         let args = [&["convert", "-O", "qcow2"][..], opts, from].concat();
@@ -1626,6 +1631,26 @@ fn convert_lays_out_qemus_file() {
         let _ = std::fs::remove_file(e.p().join("q.qcow2"));
         let _ = std::fs::remove_file(e.p().join("v.qcow2"));
     }
+    // qemu-img's refusals around backing files, before anything is made.
+    e.same(&[
+        "convert", "-f", "raw", "-O", "qcow2", "-B", "s.qcow2", "s.raw", "x.qcow2",
+    ]);
+    e.same(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "backing_file=s.qcow2",
+        "s.raw",
+        "x.qcow2",
+    ]);
+    e.same(&[
+        "convert", "-f", "raw", "-O", "qcow2", "-B", "s.qcow2", "-F", "qcow2", "s.raw", "s.raw",
+        "x.qcow2",
+    ]);
+    assert!(!e.p().join("x.qcow2").exists());
     // -n into an empty image qemu-img created (larger than the source):
     // zeroes written as zero clusters (compat 0.10: only L2 tables).
     let n_cases: &[(&str, &[&str], &[&str])] = &[

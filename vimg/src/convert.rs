@@ -81,7 +81,7 @@ fn progress(p: f64) {
 }
 
 /// Run `convert`.
-pub fn run(a: ConvertArgs) -> R<()> {
+pub fn run(mut a: ConvertArgs) -> R<()> {
     if let Some(m) = &a.coroutines {
         match parse_c_long(m) {
             None => {
@@ -162,11 +162,6 @@ pub fn run(a: ConvertArgs) -> R<()> {
     if a.compress && out_fmt != Format::Qcow2 {
         return Err(fail("Compression not supported for this file format"));
     }
-    if a.backing.is_some() && a.backing_fmt.is_none() && !a.no_create {
-        return Err(fail(format!(
-            "{dst}: Backing file specified without backing format"
-        )));
-    }
     if a.target_is_zero && a.backing.is_some() {
         return Err(fail(
             "Cannot use --target-is-zero when the destination image has a backing file",
@@ -178,6 +173,21 @@ pub fn run(a: ConvertArgs) -> R<()> {
     }
     let total: u64 = sources.iter().map(|l| l[0].size()).sum();
     let target_opts = parse_opts(&a.opts.join(","));
+    if srcs.len() > 1
+        && (a.backing.is_some() || target_opts.iter().any(|(k, _)| k == "backing_file"))
+    {
+        return Err(fail(
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        ));
+    }
+    let opt = |k: &str| target_opts.iter().any(|(key, _)| key == k);
+    if !a.no_create
+        && (a.backing.is_some() || opt("backing_file"))
+        && a.backing_fmt.is_none()
+        && !opt("backing_fmt")
+    {
+        return Err(fail("Use of backing file requires explicit backing format"));
+    }
     let preallocated = target_opts
         .iter()
         .any(|(k, v)| k == "preallocation" && v != "off");
@@ -212,6 +222,21 @@ pub fn run(a: ConvertArgs) -> R<()> {
             size: Some(total.to_string()),
         })
         .map_err(|f| creation_failure(f, dst, &out_fmt_name))?;
+    }
+    // `-o backing_file=...,backing_fmt=...` make a target with a backing
+    // file as -B and -F do, and qemu-img converts into it as with -B.
+    let value = |k: &str| {
+        target_opts
+            .iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    if a.backing.is_none() && !a.no_create {
+        if let Some(b) = value("backing_file") {
+            a.backing = Some(b);
+            a.backing_fmt = a.backing_fmt.clone().or_else(|| value("backing_fmt"));
+        }
     }
     // A preallocated target (`-o preallocation=metadata|falloc|full`) is
     // written in place, into the clusters its creation mapped, as qemu-img
