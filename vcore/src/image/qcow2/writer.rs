@@ -297,7 +297,7 @@ impl SeqWriter {
             };
             let (gs, ge) = (start - (ws - zs), start + cur + (ze - we));
             for i in 0..k {
-                if self.held_cluster(first + i).is_some() {
+                if self.old_table(first + i).is_some() {
                     self.held.insert(first + i, vec![0u8; cs as usize]);
                 }
             }
@@ -582,30 +582,36 @@ impl SeqWriter {
     /// if it does (see [`SeqWriter::held`]).
     fn held_cluster(&self, c: u64) -> Option<Vec<u8>> {
         let cs = self.h.cluster_size();
+        let (at, t) = self.old_table(c)?;
+        let per = (cs / 8) as usize;
+        let i = ((c - at) * cs / 8) as usize;
+        let mut b = vec![0u8; cs as usize];
+        for (j, e) in t[i..(i + per).min(t.len())].iter().enumerate() {
+            b[j * 8..j * 8 + 8].copy_from_slice(&(e * cs).to_be_bytes());
+        }
+        Some(b)
+    }
+
+    /// The replaced refcount table (cluster, entries) cluster `c` belongs
+    /// to, the latest if several.
+    fn old_table(&self, c: u64) -> Option<(u64, &[u64])> {
+        let cs = self.h.cluster_size();
         self.a.old_tables.iter().rev().find_map(|(at, t)| {
             let n = (t.len() as u64 * 8).div_ceil(cs);
-            (c >= *at && c < at + n).then(|| {
-                let per = (cs / 8) as usize;
-                let i = ((c - at) * cs / 8) as usize;
-                let mut b = vec![0u8; cs as usize];
-                for (j, e) in t[i..(i + per).min(t.len())].iter().enumerate() {
-                    b[j * 8..j * 8 + 8].copy_from_slice(&(e * cs).to_be_bytes());
-                }
-                b
-            })
+            (c >= *at && c < at + n).then_some((*at, t.as_slice()))
         })
     }
 
     /// Whether `[host, host + len)` touches a cluster of a replaced
     /// refcount table (the image's own table stays in use until
     /// [`SeqWriter::finish`], a table replaced later is written there):
-    /// such bytes must go through [`SeqWriter::write_at`].
+    /// such bytes must go through [`SeqWriter::write_at`]. (Every cluster
+    /// kept in `held` is one.)
     pub fn held(&self, host: u64, len: u64) -> bool {
         let cs = self.h.cluster_size();
         len > 0
-            && !(self.held.is_empty() && self.a.old_tables.is_empty())
-            && (host / cs..=(host + len - 1) / cs)
-                .any(|c| self.held.contains_key(&c) || self.held_cluster(c).is_some())
+            && !self.a.old_tables.is_empty()
+            && (host / cs..=(host + len - 1) / cs).any(|c| self.old_table(c).is_some())
     }
 
     /// Write `data` at host offset `host` (a [`Seg`]'s), keeping the parts
