@@ -99,6 +99,11 @@ impl Env {
             "vimg {args:?} differs from qemu-img"
         );
     }
+    /// Run qemu-img (preparing test images); it must succeed.
+    fn q_ok(&self, args: &[&str]) {
+        let o = self.q(args);
+        assert_eq!(o.rc, 0, "qemu-img {args:?}: {}", o.stderr);
+    }
     fn check_clean(&self, img: &str) {
         let o = self.q(&["check", img]);
         assert_eq!(o.rc, 0, "qemu-img check {img}: {}{}", o.stdout, o.stderr);
@@ -1527,31 +1532,25 @@ fn convert_lays_out_qemus_file() {
         ),
         (&["-f", "raw", "-O", "qcow2", "s.raw"][..], "s.qcow2"),
     ] {
-        assert_eq!(e.q(&[&["convert"][..], args, &[out]].concat()).rc, 0);
+        e.q_ok(&[&["convert"][..], args, &[out]].concat());
     }
-    assert_eq!(
-        e.q(&["create", "-f", "qcow2", "-b", "s.qcow2", "-F", "qcow2", "ov.qcow2"])
-            .rc,
-        0
-    );
+    e.q_ok(&[
+        "create", "-f", "qcow2", "-b", "s.qcow2", "-F", "qcow2", "ov.qcow2",
+    ]);
     // A backing file larger than the sources, with data past their end
     // in their last cluster (copied into it, as QEMU's copy-on-write reads
     // through the image).
     std::fs::write(e.p().join("big.raw"), rnd.repeat(7)).unwrap();
     std::fs::write(e.p().join("tail.raw"), &rnd[4096..(1 << 20) + 5632]).unwrap();
-    assert_eq!(
-        e.q(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "big.raw",
-            "big.qcow2"
-        ])
-        .rc,
-        0
-    );
+    e.q_ok(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "big.raw",
+        "big.qcow2",
+    ]);
     e.io(
         "ov.qcow2",
         &[
@@ -1663,8 +1662,7 @@ fn convert_lays_out_qemus_file() {
     ];
     for (create, opts, from) in n_cases {
         for t in ["q.qcow2", "v.qcow2"] {
-            let c = e.q(&["create", "-q", "-f", "qcow2", "-o", create, t, "40M"]);
-            assert_eq!(c.rc, 0, "{}", c.stderr);
+            e.q_ok(&["create", "-q", "-f", "qcow2", "-o", create, t, "40M"]);
         }
         let args = [&["convert", "-n", "-O", "qcow2"][..], opts, from].concat();
         let q = e.q(&[&args[..], &["q.qcow2"]].concat());
@@ -1686,11 +1684,9 @@ fn convert_salvage_like_qemu_img() {
     src.extend(b"some compressible text ".repeat(1 << 16));
     src.resize(6 << 20, 0);
     std::fs::write(e.p().join("s.raw"), &src).unwrap();
-    assert_eq!(
-        e.q(&["convert", "-c", "-f", "raw", "-O", "qcow2", "s.raw", "z.qcow2"])
-            .rc,
-        0
-    );
+    e.q_ok(&[
+        "convert", "-c", "-f", "raw", "-O", "qcow2", "s.raw", "z.qcow2",
+    ]);
     // The first compressed cluster of the first L2 table: its bytes
     // overwritten.
     let mut img = std::fs::read(e.p().join("z.qcow2")).unwrap();
