@@ -988,15 +988,8 @@ struct BackingChain(Vec<Layer>);
 impl vcore::image::qcow2::writer::Backing for BackingChain {
     fn is_zero(&mut self, off: u64, len: u64) -> Result<bool, String> {
         let end = (off + len).min(self.0[0].size());
-        let mut at = off;
-        while at < end {
-            let e = status(&mut self.0, at, end - at).map_err(|f| f.msg.unwrap_or_default())?;
-            if !e.zero {
-                return Ok(false);
-            }
-            at += e.length.max(1);
-        }
-        Ok(true)
+        is_zero_range(&mut self.0, off, end.saturating_sub(off))
+            .map_err(|f| f.msg.unwrap_or_default())
     }
 
     fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
