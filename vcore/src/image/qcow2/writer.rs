@@ -14,7 +14,7 @@
 use super::allocator::Allocator;
 use super::meta::{self, Header, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::prealloc;
-use crate::image::raw::pread_full;
+use crate::image::raw::{fallocate, pread_full};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -364,7 +364,10 @@ impl SeqWriter {
             && self.target_zero(gs, g0 - gs)?
             && self.target_zero(g1, ge - g1)?;
         // (Held clusters start as zeroes.)
-        if zero && (self.held(zs, ze - zs) || zero_range(&self.f, zs, ze - zs).is_ok()) {
+        if zero
+            && (self.held(zs, ze - zs)
+                || fallocate(&self.f, libc::FALLOC_FL_ZERO_RANGE, zs, ze - zs).is_ok())
+        {
             return Ok(());
         }
         for (a, b) in [(gs, g0), (g1, ge)] {
@@ -838,26 +841,6 @@ impl SeqWriter {
             self.f.set_len(len).map_err(io)?;
         }
         flush(&self.f)
-    }
-}
-
-/// `fallocate(FALLOC_FL_ZERO_RANGE)`: what QEMU's `bdrv_co_pwrite_zeroes`
-/// does on a file.
-fn zero_range(f: &File, off: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate on an open descriptor with plain integer arguments.
-    let rc = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_ZERO_RANGE,
-            off as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
